@@ -1,0 +1,404 @@
+"""Triton kernels for fused linear log-probs: ``log_softmax(h @ W.T + b) / T`` at the target, and entropy,
+without ever holding the ``[N, V]`` logits.
+
+Notation (one row ``n``, vocabulary ``v``)::
+
+    z_v   = (h . W_v + b_v) * inv_temp                     logits after temperature
+    lse   = log sum_v exp(z_v)
+    p_v   = exp(z_v - lse)
+    logp  = z_t - lse                                      t = target id
+    ent   = -sum_v p_v log p_v = lse - sum_v p_v z_v
+
+Forward (``_fwd_kernel``): grid ``(cdiv(N, BLOCK_N), SPLITS)``. Program ``(i_n, i_s)`` streams the vocabulary span
+``[i_s * SPAN, (i_s + 1) * SPAN)`` in ``BLOCK_V`` tiles. Each tile of logits is one ``[BLOCK_N, H] x [H, BLOCK_V]`` GEMM
+accumulated in FP32 over ``BLOCK_H`` slices of ``H``, then folded into an online log-sum-exp state per row::
+
+    m  running max of z
+    s  sum_v exp(z_v - m)
+    a  sum_v exp(z_v - m) * (z_v - m)       (entropy numerator, kept relative to m so that logits of 1e4 do not cancel)
+    zt the target logit, if it falls in this span (else 0)
+
+The partial states of the ``SPLITS`` spans are written to a ``[4, SPLITS, N]`` FP32 buffer and merged on the host
+(``merge_partials``): ``lse = M + log S`` and ``ent = log S - A / S``. Splitting the vocabulary keeps the GPU full when
+``N`` is small.
+
+Backward (``_bwd_kernel``): the loss reaches the kernel as the upstream gradients ``g_lp = dL/dlogp`` and
+``g_ent = dL/dent`` per row. Differentiating the definitions above::
+
+    dlogp/dz_v = [v == t] - p_v
+    dent/dz_v  = -p_v (log p_v + ent) = -p_v (z_v - lse + ent)
+    dz_v       = g_lp ([v == t] - p_v) - g_ent p_v (z_v - lse + ent)
+    dlogits_v  = dz_v * inv_temp                    (chain rule through the temperature)
+    dh   += dlogits @ W          dW += dlogits.T @ h          db += sum_n dlogits
+
+Grid ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``: each program recomputes its logit tile from the saved ``lse`` (one GEMM),
+forms ``dz`` in registers and adds its contributions to FP32 ``dh [N, H]`` and ``dW [V, H]`` buffers with atomics,
+``BLOCK_H`` columns at a time. No ``[N, V]`` tensor exists in either pass; the extra memory is the FP32 gradient
+buffers, O(N H + V H).
+
+Precision is a pair of compile-time switches resolved by ``rlcore`` from the user's ``precision`` and the input dtypes:
+``CAST_FP32`` (load tiles and upcast them to FP32) and ``DOT_PRECISION`` (``tl.dot``'s ``input_precision`` for FP32
+operands: ``"tf32"``, ``"tf32x3"`` for FP32 accuracy on tensor cores, or ``"ieee"``). Half-precision operands go to the
+tensor cores as they are: products of bf16/fp16 values are exact in the FP32 accumulator.
+
+All pointer offsets along ``N`` and ``V`` are computed in int64, so ``N * H`` and ``V * H`` beyond 2^31 are safe.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "KernelConfig",
+    "KernelMode",
+    "FWD_CONFIGS",
+    "BWD_CONFIGS",
+    "default_config",
+    "linear_logprobs_fwd",
+    "linear_logprobs_bwd",
+    "merge_partials",
+    "is_interpreter",
+]
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(b_a, b_b, b_acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with FP32 accumulation. ``UPCAST`` is set only under the CPU interpreter for bf16 tiles: Triton
+    3.9's interpreter multiplies bf16 tiles as their raw uint16 bits. bf16 products are exact in FP32, so upcasting
+    first gives the same numbers the tensor cores do."""
+    if UPCAST:
+        b_a = b_a.to(tl.float32)
+        b_b = b_b.to(tl.float32)
+    return tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
+    stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+    HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``z[BLOCK_N, BLOCK_V] = (h[o_n] @ W[o_v].T + b[o_v]) * inv_temp`` in FP32; columns outside ``m_v`` are -inf."""
+    o_h = tl.arange(0, BLOCK_H)
+    p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh  # [BLOCK_N, BLOCK_H]
+    p_w = w_ptr + o_v[None, :].to(tl.int64) * stride_wv + o_h[:, None] * stride_wh  # [BLOCK_H, BLOCK_V]
+    b_z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for i_h in range(0, tl.cdiv(H, BLOCK_H)):
+        m_h = o_h < H - i_h * BLOCK_H
+        b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0)
+        b_w = tl.load(p_w, mask=m_h[:, None] & m_v[None, :], other=0.0)
+        if CAST_FP32:
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_z = _dot(b_h, b_w, b_z, DOT_PRECISION, UPCAST)
+        p_h += BLOCK_H * stride_hh
+        p_w += BLOCK_H * stride_wh
+    if HAS_BIAS:
+        b_b = tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_z += b_b[None, :]
+    b_z = b_z * inv_temp
+    return tl.where(m_v[None, :], b_z, float("-inf"))
+
+
+@triton.jit
+def _online_lse_update(b_m, b_s, b_a, b_z):
+    """Fold a logit tile ``b_z [BLOCK_N, BLOCK_V]`` into the running state ``(m, s, a)`` of each row (see module doc).
+
+    Safe for tiles that are entirely -inf (masked vocabulary, padding columns): the reference point is then 0 and
+    every term of the tile is exactly 0.
+    """
+    b_m_new = tl.maximum(b_m, tl.max(b_z, 1))
+    b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_alpha = tl.exp(b_m - b_ref)  # 0 while the row has seen only -inf
+    # a is relative to the old max; move it to the new reference: sum e' (z - ref) = alpha (a + s (m - ref))
+    b_a = tl.where(b_s > 0, b_alpha * (b_a + b_s * (b_m - b_ref)), 0.0)
+    b_e = tl.exp(b_z - b_ref[:, None])
+    b_zc = tl.where(b_e > 0, b_z - b_ref[:, None], 0.0)  # avoids 0 * -inf
+    b_s = b_s * b_alpha + tl.sum(b_e, 1)
+    b_a = b_a + tl.sum(b_e * b_zc, 1)
+    return b_m_new, b_s, b_a
+
+
+@triton.jit
+def _fwd_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
+    N, V, H, SPAN,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    b_t = tl.load(t_ptr + o_n, mask=m_n, other=-1).to(tl.int64)  # [BLOCK_N]
+
+    b_m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    b_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    v_start = i_s * SPAN
+    v_end = tl.minimum(v_start + SPAN, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < v_end
+        b_z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
+            stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+            HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
+        b_zt += tl.sum(tl.where(o_v[None, :].to(tl.int64) == b_t[:, None], b_z, 0.0), 1)
+        # The entropy numerator costs one FMA per logit next to an H-long dot product: always kept, no variant.
+        b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
+
+    # part: [4, SPLITS, N] fp32, contiguous
+    n_splits = tl.num_programs(1)
+    p_part = part_ptr + i_s.to(tl.int64) * N + o_n
+    tl.store(p_part, b_m, mask=m_n)
+    tl.store(p_part + n_splits * N, b_s, mask=m_n)
+    tl.store(p_part + 2 * n_splits * N, b_a, mask=m_n)
+    tl.store(p_part + 3 * n_splits * N, b_zt, mask=m_n)
+
+
+@triton.jit
+def _bwd_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    N, V, H,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    inv_temp, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
+    CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_v = tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_n = o_n < N
+    m_v = o_v < V
+
+    b_t = tl.load(t_ptr + o_n, mask=m_n, other=ignore_index).to(tl.int64)
+    m_row = m_n & (b_t != ignore_index)  # rows that carry gradient
+    b_glp = tl.load(glp_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
+    b_lse = tl.load(lse_ptr + o_n, mask=m_row, other=0.0)
+
+    b_z = _logits_tile(
+        h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
+        stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+        HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+    )
+    b_zr = b_z - b_lse[:, None]                       # log p, -inf on masked columns
+    b_p = tl.where(m_row[:, None], tl.exp(b_zr), 0.0)  # [BLOCK_N, BLOCK_V]
+    b_hit = o_v[None, :].to(tl.int64) == b_t[:, None]
+    b_dz = tl.where(b_hit, b_glp[:, None], 0.0) - b_glp[:, None] * b_p
+    if HAS_GRAD_ENT:
+        b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
+        b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
+        b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
+    b_dz = b_dz * inv_temp  # d/d(h W^T + b)
+
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, 0), mask=m_v)
+    if CAST_FP32:
+        b_dzc = b_dz
+    else:
+        b_dzc = b_dz.to(h_ptr.dtype.element_ty)
+
+    o_h = tl.arange(0, BLOCK_H)
+    p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh  # [BLOCK_N, BLOCK_H]
+    p_w = w_ptr + o_v[:, None].to(tl.int64) * stride_wv + o_h[None, :] * stride_wh  # [BLOCK_V, BLOCK_H]
+    p_dh = dh_ptr + o_n[:, None].to(tl.int64) * H + o_h[None, :]                     # dh is contiguous fp32
+    p_dw = dw_ptr + o_v[:, None].to(tl.int64) * H + o_h[None, :]                     # dW is contiguous fp32
+    for i_h in range(0, tl.cdiv(H, BLOCK_H)):
+        m_h = o_h < H - i_h * BLOCK_H
+        b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0)
+        b_w = tl.load(p_w, mask=m_v[:, None] & m_h[None, :], other=0.0)
+        if CAST_FP32:
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_dh = _dot(b_dzc, b_w, None, DOT_PRECISION, UPCAST)                     # [BLOCK_N, BLOCK_H]
+        b_dw = _dot(tl.trans(b_dzc), b_h, None, DOT_PRECISION, UPCAST)           # [BLOCK_V, BLOCK_H]
+        tl.atomic_add(p_dh, b_dh, mask=m_n[:, None] & m_h[None, :])
+        tl.atomic_add(p_dw, b_dw, mask=m_v[:, None] & m_h[None, :])
+        p_h += BLOCK_H * stride_hh
+        p_w += BLOCK_H * stride_wh
+        p_dh += BLOCK_H
+        p_dw += BLOCK_H
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelMode:
+    """How the GEMM tiles are computed; resolved by ``rlcore`` from ``precision`` and the input dtypes."""
+
+    cast_fp32: bool       # upcast loaded tiles to FP32 before tl.dot
+    dot_precision: str    # tl.dot input_precision for FP32 operands: "tf32" | "tf32x3" | "ieee"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_H: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        return dict(BLOCK_N=self.BLOCK_N, BLOCK_V=self.BLOCK_V, BLOCK_H=self.BLOCK_H)
+
+
+# Every config shipped here is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py, which also checks that it
+# fits the shared memory of an A100 (164 KiB) and an H100 (228 KiB). The first entry of each list is the default.
+# Half-precision tiles: 128x128 output tiles are the usual sweet spot for bf16 mma/wgmma with fp32 accumulators.
+# FP32 tiles (tf32 / 3xTF32): twice the bytes per element, so the H slice is halved to keep the same pipeline depth.
+FWD_CONFIGS = {
+    "half": [
+        KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+        KernelConfig(64, 128, 64, num_warps=4, num_stages=4),
+        KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
+        KernelConfig(128, 64, 64, num_warps=4, num_stages=4),
+    ],
+    "fp32": [
+        KernelConfig(64, 128, 32, num_warps=8, num_stages=3),
+        KernelConfig(128, 128, 32, num_warps=8, num_stages=2),
+        KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
+    ],
+}
+# The backward holds the logit tile, the dz tile and an h / W slice per step; smaller N tiles keep registers in check.
+BWD_CONFIGS = {
+    "half": [
+        KernelConfig(64, 128, 64, num_warps=8, num_stages=2),
+        KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
+        KernelConfig(64, 64, 64, num_warps=4, num_stages=2),
+    ],
+    "fp32": [
+        KernelConfig(64, 128, 32, num_warps=8, num_stages=2),
+        KernelConfig(64, 64, 32, num_warps=4, num_stages=2),
+    ],
+}
+# The interpreter runs numpy per block: small tiles keep CPU validation fast and exercise the edge masks.
+INTERPRETER_CONFIG = KernelConfig(16, 32, 16, num_warps=1, num_stages=1)
+
+# Vocabulary spans of the forward are multiples of this, so every shipped BLOCK_V tiles a span exactly.
+_SPAN_QUANTUM = 256
+# Forward programs to aim for: enough to fill the SMs a couple of times over even when N is small.
+_TARGET_PROGRAMS_PER_SM = 2
+
+
+def _config_key(mode: KernelMode, dtype: torch.dtype) -> str:
+    return "fp32" if (mode.cast_fp32 or dtype == torch.float32) else "half"
+
+
+def default_config(kind: str, mode: KernelMode, dtype: torch.dtype) -> KernelConfig:
+    """The launch config used for ``kind`` in {"fwd", "bwd"}. ``RLCORE_CONFIG_INDEX`` picks another entry of the list."""
+    if is_interpreter():
+        return INTERPRETER_CONFIG
+    table = FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS
+    configs = table[_config_key(mode, dtype)]
+    index = int(os.environ.get("RLCORE_CONFIG_INDEX", "0"))
+    return configs[min(index, len(configs) - 1)]
+
+
+def _upcast(mode: KernelMode, dtype: torch.dtype) -> bool:
+    return is_interpreter() and not mode.cast_fp32 and dtype == torch.bfloat16
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: a couple of "SMs" so that the split-vocabulary merge is exercised
+
+
+def _vocab_span(n_row_blocks: int, V: int, device: torch.device) -> int:
+    target = _TARGET_PROGRAMS_PER_SM * _num_sms(device)
+    splits = max(1, min(triton.cdiv(V, _SPAN_QUANTUM), triton.cdiv(target, max(n_row_blocks, 1))))
+    return triton.cdiv(triton.cdiv(V, splits), _SPAN_QUANTUM) * _SPAN_QUANTUM
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host functions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def merge_partials(part: torch.Tensor):
+    """Merge the per-span states ``part [4, SPLITS, N]`` into ``(lse, ent, z_target)``, each ``[N]`` float32."""
+    m, s, a, zt = part.unbind(0)                                  # [SPLITS, N] each
+    big_m = m.amax(0)                                             # [N]
+    ref = torch.where(torch.isneginf(big_m), torch.zeros_like(big_m), big_m)
+    w = torch.exp(m - ref)                                        # [SPLITS, N]
+    big_s = (s * w).sum(0)
+    big_a = torch.where(s > 0, w * (a + s * (m - ref)), torch.zeros_like(a)).sum(0)
+    log_s = torch.log(big_s)
+    return ref + log_s, log_s - big_a / big_s, zt.sum(0)
+
+
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, mode: KernelMode):
+    """Launch the forward. ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated).
+
+    Returns ``(lse, ent, z_target)`` as float32 ``[N]`` tensors.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = default_config("fwd", mode, hidden.dtype)
+    n_blocks = triton.cdiv(N, cfg.BLOCK_N)
+    span = _vocab_span(n_blocks, V, hidden.device)
+    splits = triton.cdiv(V, span)
+    part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
+    _fwd_kernel[(n_blocks, splits)](
+        hidden, weight, bias if bias is not None else hidden, targets, part,
+        N, V, H, span,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        inv_temp,
+        HAS_BIAS=bias is not None,
+        CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+    )
+    return merge_partials(part)
+
+
+def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent,
+                        inv_temp: float, ignore_index: int, mode: KernelMode):
+    """Launch the backward. Returns FP32 ``(dh [N, H], dW [V, H], db [V] | None)``; the caller casts."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = default_config("bwd", mode, hidden.dtype)
+    dh = torch.zeros((N, H), device=hidden.device, dtype=torch.float32)
+    dw = torch.zeros((V, H), device=hidden.device, dtype=torch.float32)
+    db = torch.zeros((V,), device=hidden.device, dtype=torch.float32) if bias is not None else None
+    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
+    _bwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets, lse, ent,
+        grad_logp, grad_ent if grad_ent is not None else grad_logp,
+        dh, dw, db if db is not None else dh,
+        N, V, H,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        inv_temp, ignore_index,
+        HAS_BIAS=bias is not None, HAS_GRAD_ENT=grad_ent is not None,
+        CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+    )
+    return dh, dw, db

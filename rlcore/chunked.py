@@ -1,0 +1,96 @@
+"""The chunked PyTorch backend of ``linear_logprobs``: the same math as the Triton kernels, a block of rows at a time.
+
+Used on CPU (and on any device with ``backend="torch"``). Each step holds a ``[C, V]`` block of logits with
+``C * V <= CHUNK_ELEMENTS``, so the extra memory of forward and backward is O(N + V H) whatever ``N`` is: the ``[N, V]``
+logits never exist. The GEMMs run in FP32 (float64 for float64 inputs), whatever the input dtype and precision mode:
+there is no faster reduced-precision path on CPU, and FP32 satisfies every mode.
+
+Math and notation: see ``rlcore/kernels/linear_logprobs.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "linear_logprobs_fwd", "linear_logprobs_bwd"]
+
+# 2^21 FP32 logits = 8 MiB per [C, V] temporary: large enough for efficient GEMMs, small next to any real head.
+CHUNK_ELEMENTS = int(os.environ.get("RLCORE_CHUNK_ELEMENTS", 2**21))
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _rows_per_chunk(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(V, 1))
+
+
+def _logits(h_c, w, b, inv_temp: float):
+    z = h_c @ w.T                          # [C, V]
+    if b is not None:
+        z += b
+    return z.mul_(inv_temp)
+
+
+def _cast(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float):
+    """``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated).
+
+    Returns ``(lse, ent, z_target)``, each ``[N]`` in the compute dtype.
+    """
+    N = hidden.shape[0]
+    cdt = compute_dtype(hidden.dtype, weight.dtype)
+    w, b = weight.to(cdt), _cast(bias, cdt)                      # a no-op when already in the compute dtype
+    lse = torch.empty(N, dtype=cdt, device=hidden.device)
+    ent = torch.empty_like(lse)
+    zt = torch.empty_like(lse)
+    safe_t = targets.long().clamp(0, weight.shape[0] - 1)        # ignored ids are masked by the caller
+    step = _rows_per_chunk(weight.shape[0])
+    for s in range(0, N, step):
+        z = _logits(hidden[s:s + step].to(cdt), w, b, inv_temp)  # [C, V]
+        lse_c = torch.logsumexp(z, dim=-1)                       # [C]
+        zt[s:s + step] = z.gather(1, safe_t[s:s + step, None]).squeeze(1)
+        zr = z.sub_(lse_c[:, None])                              # log p, in place
+        p = zr.exp()
+        zr.masked_fill_(p == 0, 0.0)                             # 0 log 0 = 0 (masked vocabulary)
+        ent[s:s + step] = -(p.mul_(zr)).sum(-1)
+        lse[s:s + step] = lse_c
+    return lse, ent, zt
+
+
+def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp: float,
+                        ignore_index: int):
+    """Gradients ``(dh [N, H], dW [V, H], db [V] | None)`` in the compute dtype; recomputes logits per chunk."""
+    N, V = hidden.shape[0], weight.shape[0]
+    cdt = compute_dtype(hidden.dtype, weight.dtype)
+    w, b = weight.to(cdt), _cast(bias, cdt)
+    valid = targets != ignore_index
+    g_lp = torch.where(valid, grad_logp.to(cdt), 0.0)            # ignored rows carry no gradient
+    g_ent = torch.where(valid, grad_ent.to(cdt), 0.0) if grad_ent is not None else None
+    safe_t = targets.long().clamp(0, V - 1)
+    dh = torch.empty((N, hidden.shape[1]), dtype=cdt, device=hidden.device)
+    dw = torch.zeros((V, hidden.shape[1]), dtype=cdt, device=hidden.device)
+    db = torch.zeros(V, dtype=cdt, device=hidden.device) if bias is not None else None
+    step = _rows_per_chunk(V)
+    for s in range(0, N, step):
+        sl = slice(s, s + step)
+        h_c = hidden[sl].to(cdt)                                 # [C, H]
+        zr = _logits(h_c, w, b, inv_temp).sub_(lse[sl, None])    # log p  [C, V]
+        p = zr.exp()
+        dz = p.mul(-g_lp[sl, None])                              # g_lp ([v == t] - p)
+        dz.scatter_add_(1, safe_t[sl, None], g_lp[sl, None])
+        if g_ent is not None:                                    # - g_ent p (log p + ent)
+            zr.masked_fill_(p == 0, 0.0)
+            dz.sub_(p.mul_(zr.add_(ent[sl, None])).mul_(g_ent[sl, None]))
+        dz.mul_(inv_temp)
+        dh[sl] = dz @ w
+        dw.addmm_(dz.T, h_c)
+        if db is not None:
+            db += dz.sum(0)
+    return dh, dw, db

@@ -1,0 +1,297 @@
+"""``linear_logprobs``: per-token log-probs (and entropy) of targets straight from hidden states and the LM head.
+
+Layers, bottom up:
+    backends      ``rlcore.kernels.linear_logprobs`` (Triton) and ``rlcore.chunked`` (PyTorch, a block of rows at a time)
+    torch ops     ``rlcore::linear_logprobs`` and ``rlcore::linear_logprobs_backward`` (``torch.library.custom_op``),
+                  with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` sees one op
+    public        ``linear_logprobs``: argument checks, ``[..., H]`` flattening, return shape
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import chunked
+
+__all__ = ["linear_logprobs", "PRECISIONS", "BACKENDS"]
+
+PRECISIONS = ("default", "tf32", "fp32")
+BACKENDS = ("auto", "triton", "torch")
+_HALF = (torch.bfloat16, torch.float16)
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+_kernels_module = None
+
+
+def _kernels():
+    """Import the Triton kernels on first use (``TRITON_INTERPRET`` is read when they are decorated)."""
+    global _kernels_module
+    if _kernels_module is None:
+        from .kernels import linear_logprobs as module
+
+        _kernels_module = module
+    return _kernels_module
+
+
+def _kernel_mode(precision: str, h_dtype: torch.dtype, w_dtype: torch.dtype):
+    """Map the user's precision to the kernels' (CAST_FP32, DOT_PRECISION) switches.
+
+    - Same-dtype half inputs go to the tensor cores as they are in every mode: bf16/fp16 products are exact in the
+      FP32 accumulator, so this already is the FP32 computation of those inputs.
+    - FP32 (or mixed) operands: "default" and "fp32" use 3xTF32, FP32-accurate on tensor cores; "tf32" uses one pass.
+    """
+    mode_cls = _kernels().KernelMode
+    if h_dtype == w_dtype and h_dtype in _HALF:
+        return mode_cls(cast_fp32=False, dot_precision="tf32")
+    return mode_cls(cast_fp32=True, dot_precision="tf32" if precision == "tf32" else "tf32x3")
+
+
+def _out_dtype(h_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    return chunked.compute_dtype(h_dtype, w_dtype)
+
+
+def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Raise on ids outside ``[0, V)`` that are not ``ignore_index``; runs before any kernel reads through them.
+
+    This is the one host sync of the op (it has to be, to raise): a single reduction over ``[N]`` ids.
+    """
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        first = targets[bad][0].item()
+        raise ValueError(
+            f"targets: id {first} is outside [0, {V}) (V = weight.shape[0]) and is not ignore_index={ignore_index}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch.library ops
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rlcore::linear_logprobs", mutates_args=())
+def _linear_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    precision: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hidden [N, H]``, ``weight [V, H]``, ``targets [N]`` -> ``(logp [N], entropy [N], lse [N])``."""
+    N, V = hidden.shape[0], weight.shape[0]
+    dtype = _out_dtype(hidden.dtype, weight.dtype)
+    if N == 0:
+        empty = hidden.new_empty((0,), dtype=dtype)
+        return empty, empty.clone(), empty.clone()
+    _check_target_range(targets, V, ignore_index)
+    if backend == "triton":
+        mode = _kernel_mode(precision, hidden.dtype, weight.dtype)
+        lse, ent, zt = _kernels().linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature, mode)
+    else:
+        lse, ent, zt = chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature)
+    valid = targets != ignore_index
+    logp = torch.where(valid, zt - lse, 0.0)
+    ent = torch.where(valid, ent, 0.0)
+    return logp, ent, lse
+
+
+@_linear_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, temperature, ignore_index, precision, backend):
+    dtype = _out_dtype(hidden.dtype, weight.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype),
+            hidden.new_empty((n,), dtype=dtype))
+
+
+@torch.library.custom_op("rlcore::linear_logprobs_backward", mutates_args=())
+def _linear_logprobs_backward_op(
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    precision: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dh [N, H], dW [V, H], db)`` in the dtypes of ``hidden``, ``weight``, ``bias``; ``db`` is ``[0]``
+    when there is no bias."""
+    N, H = hidden.shape
+    if N == 0:
+        db = torch.zeros_like(bias) if bias is not None else hidden.new_empty((0,))
+        return hidden.new_zeros((0, H)), torch.zeros_like(weight), db
+    grad_logp = grad_logp.contiguous()
+    grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
+    if backend == "triton":
+        mode = _kernel_mode(precision, hidden.dtype, weight.dtype)
+        dh, dw, db = _kernels().linear_logprobs_bwd(
+            grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+            1.0 / temperature, ignore_index, mode,
+        )
+    else:
+        dh, dw, db = chunked.linear_logprobs_bwd(
+            grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, 1.0 / temperature, ignore_index,
+        )
+    db = db.to(bias.dtype) if bias is not None else hidden.new_empty((0,))
+    return dh.to(hidden.dtype), dw.to(weight.dtype), db
+
+
+@_linear_logprobs_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index, precision,
+      backend):
+    db = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index, precision, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    ctx.args = (temperature, ignore_index, precision, backend)
+    ctx.set_materialize_grads(False)  # an unused entropy output gives None, and the kernel skips its term
+
+
+def _backward(ctx, grad_logp, grad_ent, _grad_lse):
+    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    if grad_logp is None:
+        if grad_ent is None:
+            return None, None, None, None, None, None, None, None
+        grad_logp = torch.zeros_like(lse)
+    dh, dw, db = _linear_logprobs_backward_op(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, *ctx.args)
+    return dh, dw, (db if bias is not None else None), None, None, None, None, None
+
+
+torch.library.register_autograd("rlcore::linear_logprobs", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend) -> str:
+    """Validate everything that can be checked from metadata; returns the resolved backend."""
+    for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if x is not None and x.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {x.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor (int64 or int32), got {targets.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, x in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; all inputs must share a device")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if precision == "default" and hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype with precision='default'; "
+            "use precision='fp32' to compute a mixed-dtype head in FP32"
+        )
+
+    fp64 = torch.float64 in (hidden.dtype, weight.dtype)
+    if backend == "auto":
+        return "triton" if hidden.device.type == "cuda" and not fp64 else "torch"
+    if backend == "triton":
+        if fp64:
+            raise TypeError("backend='triton' does not take float64 inputs; use backend='torch' (or 'auto')")
+        if hidden.device.type != "cuda" and not _kernels().is_interpreter():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {hidden.device}), or TRITON_INTERPRET=1 set before rlcore's "
+                "kernels are first imported, to run them in Triton's CPU interpreter"
+            )
+    return backend
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    precision: str = "default",
+    backend: str = "auto",
+):
+    """Log-probability of each target token, and optionally the entropy, without materialising the logits.
+
+    Computes, for every position, with ``logits = (hidden @ weight.T + bias) / temperature``::
+
+        logp    = log_softmax(logits)[target]            # [...]
+        entropy = -(softmax(logits) * log_softmax(logits)).sum(-1)
+
+    streaming the vocabulary in tiles with an online log-sum-exp, in FP32, so no ``[N, V]`` tensor exists in forward
+    or backward. Differentiable in ``hidden``, ``weight`` and ``bias``, through both outputs.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (bf16, fp16, fp32; float64 on the torch backend).
+        weight: ``[V, H]`` LM-head weight.
+        targets: ``[...]`` int64/int32 token ids in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]``; ``-inf`` entries mask vocabulary out.
+        temperature: logits are divided by it (sampling temperature of the rollout engine).
+        ignore_index: positions with this target give log-prob 0, entropy 0 and no gradient.
+        return_entropy: also return the entropy of each position's distribution.
+        precision: ``"default"`` computes in the input dtype with FP32 accumulation and FP32 softmax math;
+            ``"fp32"`` computes the head to FP32 accuracy whatever the dtypes (3xTF32 on tensor cores; ``hidden``
+            and ``weight`` may then differ in dtype, e.g. bf16 activations with an FP32 head: the MiniMax-M1 fix);
+            ``"tf32"`` rounds FP32 operands to TF32 (one tensor-core pass).
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``logp [...]`` float32 (float64 for float64 inputs), or ``(logp, entropy)`` with ``return_entropy=True``.
+
+    Example::
+
+        >>> h, W = torch.randn(4, 7, 64), torch.randn(1000, 64)
+        >>> t = torch.randint(0, 1000, (4, 7))
+        >>> logp, ent = linear_logprobs(h, W, t, return_entropy=True, temperature=0.7)
+        >>> logp.shape, ent.shape
+        (torch.Size([4, 7]), torch.Size([4, 7]))
+    """
+    backend = _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
+    h2 = hidden.reshape(-1, hidden.shape[-1])        # [N, H]
+    t1 = targets.reshape(-1)                         # [N]
+    logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, float(temperature), int(ignore_index), precision, backend)
+    logp = logp.view(targets.shape)
+    if return_entropy:
+        return logp, ent.view(targets.shape)
+    return logp

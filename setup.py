@@ -1,0 +1,37 @@
+"""Packaging for rlcore.
+
+The Triton kernels live in the top-level ``kernels/`` folder (the project's layout) and ship as ``rlcore.kernels``
+through the symlink ``rlcore/kernels -> ../kernels``: one import path that works from the checkout, after an editable
+install, after a wheel install, and under ``python -m pytest`` from the repository root. There is deliberately no
+``package_dir`` mapping, and no top-level ``kernels`` package (that name is Hugging Face's kernel hub).
+
+Building imports nothing but setuptools, so pip never pulls a torch into an isolated build environment.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "rlcore" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="rlcore",
+    version=VERSION,
+    description="Triton-accelerated log-probabilities and RL losses for LLM post-training, without materialised logits",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["rlcore", "rlcore.*"]),
+    python_requires=">=3.10",
+    # On a CPU-only machine install torch first (`pip install torch==2.13.0`): a bare `torch` requirement with no
+    # torch installed would pull the CUDA build. With a torch installed, this range installs nothing more.
+    install_requires=["torch>=2.4", "triton>=3.2"],
+    extras_require={
+        "hf": ["transformers>=4.45"],
+        "vllm": ["vllm"],
+        "flash-attn": ["flash-attn"],
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+    },
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
