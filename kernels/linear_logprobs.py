@@ -88,6 +88,15 @@ def _dot(b_a, b_b, b_acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest bf16 value (ties to even), kept in fp32. Only for the CPU interpreter, whose fp32 -> bf16 cast
+    truncates; the GPU cast (``cvt.rn.bf16.f32``) already rounds to nearest."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
     stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
@@ -219,8 +228,12 @@ def _bwd_kernel(
 
     if HAS_BIAS:
         tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, 0), mask=m_v)
+    # dz meets the half-precision h and W tiles on the tensor cores in their dtype, rounded once (as PyTorch's bf16
+    # autograd rounds its logit gradients); its inputs, exact FP32 logits and LSE, are what make it the more accurate.
     if CAST_FP32:
         b_dzc = b_dz
+    elif UPCAST:
+        b_dzc = _round_bf16(b_dz)
     else:
         b_dzc = b_dz.to(h_ptr.dtype.element_ty)
 

@@ -1,0 +1,22 @@
+"""Test setup: on a machine without CUDA, the Triton kernels run in Triton's CPU interpreter.
+
+``TRITON_INTERPRET`` must be set before ``rlcore.kernels`` is first imported (Triton reads it when the kernels are
+decorated), hence here, at collection time.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# The interpreter runs each Triton program in numpy: examples are kept few and small, and never timed.
+settings.register_profile(
+    "rlcore", deadline=None, max_examples=int(os.environ.get("RLCORE_HYPOTHESIS_EXAMPLES", "20")),
+    suppress_health_check=[HealthCheck.too_slow], derandomize=True, print_blob=True,
+)
+settings.load_profile("rlcore")
