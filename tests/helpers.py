@@ -47,7 +47,7 @@ def make_case(N, H, V, dtype=torch.float32, *, w_dtype=None, bias=False, ignore_
     w_dtype = w_dtype or dtype
     leaf = lambda x, dt: x.to(device=device, dtype=dt).requires_grad_()  # noqa: E731
     return Case(leaf(hidden, dtype), leaf(weight, w_dtype), targets.to(device),
-                leaf(b, dtype) if b is not None else None, g_logp.to(device), g_ent.to(device), temperature)
+                leaf(b, w_dtype) if b is not None else None, g_logp.to(device), g_ent.to(device), temperature)
 
 
 def _grads(case: Case, logp, ent, use_logp=True, use_ent=True):

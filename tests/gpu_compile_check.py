@@ -1,0 +1,341 @@
+"""Compile every shipped Triton kernel configuration of rlcore for real GPUs (sm_80 and sm_90), on any machine.
+
+Triton's CPU interpreter (``TRITON_INTERPRET=1``, what the numerical tests run under when there is no GPU) executes
+the kernels with numpy and never goes through the GPU compiler, so it accepts launch configurations that a GPU build
+rejects or cannot launch: tiles whose software pipeline needs more shared memory than an A100 / H100 has, register
+spills, dots that silently miss the tensor cores. This script closes that gap without a GPU: it hands each
+``(kernel, config, dtypes, mode)`` combination that ``rlcore`` can launch to ``triton.compile`` with an explicit
+``GPUTarget``, which runs the whole NVIDIA pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> ``ptxas`` cubin), and reports
+what the binaries need.
+
+Usage::
+
+    python tests/gpu_compile_check.py [--workers 2] [--arch 80 90]
+
+prints one JSON list of result records on stdout (a summary table goes to stderr). ``tests/test_gpu_compile.py`` runs
+it in a subprocess and asserts on the records. It must run without ``TRITON_INTERPRET`` in its environment: under the
+interpreter ``@triton.jit`` makes ``InterpretedFunction`` objects, which cannot be compiled. ``main`` removes the
+variable before anything imports the kernels (the spawned workers inherit that environment), and the test also strips
+it from the subprocess environment. Importing this file as a module changes nothing in the environment: the test does
+that to enumerate the combinations for its parametrization.
+
+The combinations are enumerated from ``FWD_CONFIGS`` / ``BWD_CONFIGS`` in ``rlcore.kernels.linear_logprobs``, so a
+config added there is covered automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # `python tests/gpu_compile_check.py` from a checkout, without an install
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What gets compiled
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Compute capabilities to build for, and the most shared memory one block may use there (the opt-in maximum that
+# Triton checks at launch): A100 163 KiB, H100 227 KiB.
+ARCHS = (80, 90)
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+# The (hidden, weight) dtypes and KernelMode fields that rlcore.logprobs._kernel_mode actually launches, per config
+# table key (rlcore.kernels.linear_logprobs._config_key picks the table):
+#   "half": same-dtype bf16 / fp16 inputs go to the tensor cores as they are (DOT_PRECISION is ignored for them);
+#   "fp32": fp32 inputs with 3xTF32 (precision "default"/"fp32") or one TF32 pass (precision "tf32"), and a bf16
+#           hidden state with an fp32 head (precision "fp32"), upcast after the load.
+# UPCAST is a CPU-interpreter workaround and is always False on a GPU.
+LAUNCHED_MODES = {
+    "half": [
+        ("bf16", "bf16", False, "tf32"),
+        ("fp16", "fp16", False, "tf32"),
+    ],
+    "fp32": [
+        ("fp32", "fp32", True, "tf32x3"),
+        ("fp32", "fp32", True, "tf32"),
+        ("bf16", "fp32", True, "tf32x3"),
+    ],
+}
+
+# Pointer and scalar types of each kernel argument, as a real launch from linear_logprobs_fwd/_bwd specializes them
+# ("h"/"w" stand for the hidden/weight dtypes). Targets are int64; every buffer the kernels write, and the saved
+# lse/entropy and upstream gradients (the op's outputs are float32), are float32; the bias has the weight's dtype.
+# Arguments absent here are constexprs.
+_ARG_TYPES = {
+    "fwd": {
+        "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32",
+        "N": "i32", "V": "i32", "H": "i32", "SPAN": "i32",
+        "stride_hn": "i32", "stride_wv": "i32", "inv_temp": "fp32",
+    },
+    "bwd": {
+        "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+        "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+        "N": "i32", "V": "i32", "H": "i32",
+        "stride_hn": "i32", "stride_wv": "i32", "inv_temp": "fp32", "ignore_index": "i32",
+    },
+}
+# Triton specializes launch arguments: an int equal to 1 becomes a constexpr, and pointers / ints divisible by 16 get
+# a `tt.divisibility = 16` attribute that enables vectorized loads. We compile the common case: contiguous rows
+# (unit inner strides), 16-byte aligned tensors, H (hence the row strides) a multiple of 16, SPAN a multiple of 256
+# by construction; N and V arbitrary.
+_UNIT_STRIDES = {"stride_hh": 1, "stride_wh": 1}
+_DIVISIBLE_INTS = {"H", "SPAN", "stride_hn", "stride_wv"}
+
+# The pointers whose offsets must be 64-bit, and the argument their row index is multiplied by (see int64_row_offsets).
+_INT64_CHECKS = {
+    "fwd": {"h": ("h_ptr", "stride_hn"), "w": ("w_ptr", "stride_wv")},
+    "bwd": {"h": ("h_ptr", "stride_hn"), "w": ("w_ptr", "stride_wv"), "dh": ("dh_ptr", "H"), "dw": ("dw_ptr", "H")},
+}
+
+
+def _kernels_module():
+    from rlcore.kernels import linear_logprobs
+
+    return linear_logprobs
+
+
+def job_id(job: dict) -> str:
+    """A readable pytest id, e.g. ``bwd-fp32[0]-64x128x32-w8s2-bf16+fp32-tf32x3-sm80``."""
+    c = job["config"]
+    mode = job["mode"]["dot_precision"] if job["mode"]["cast_fp32"] else "native"
+    return (f"{job['kernel']}-{job['table']}[{job['index']}]-{c['BLOCK_N']}x{c['BLOCK_V']}x{c['BLOCK_H']}"
+            f"-w{c['num_warps']}s{c['num_stages']}-{job['dtypes']['hidden']}+{job['dtypes']['weight']}-{mode}"
+            f"-sm{job['arch']}")
+
+
+def enumerate_jobs(archs=ARCHS) -> list[dict]:
+    """Every (kernel, config table, config, dtypes, mode, arch) combination, as JSON-able dicts with an ``id``.
+
+    Importing the kernels module is all this needs (it works under the interpreter too), so the test can build its
+    parametrization at collection time.
+    """
+    module = _kernels_module()
+    jobs = []
+    for kernel, table in (("fwd", module.FWD_CONFIGS), ("bwd", module.BWD_CONFIGS)):
+        assert set(table) <= set(LAUNCHED_MODES), f"{kernel}: config table keys {set(table)} not all known"
+        for key, configs in table.items():
+            for index, cfg in enumerate(configs):
+                for h_dtype, w_dtype, cast_fp32, dot_precision in LAUNCHED_MODES[key]:
+                    for arch in archs:
+                        job = dict(
+                            kernel=kernel, table=key, index=index,
+                            config=dict(BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
+                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                            dtypes=dict(hidden=h_dtype, weight=w_dtype),
+                            mode=dict(cast_fp32=cast_fp32, dot_precision=dot_precision),
+                            arch=arch,
+                        )
+                        job["id"] = job_id(job)
+                        jobs.append(job)
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inspecting the compiled kernel
+# ----------------------------------------------------------------------------------------------------------------------
+
+_VALUE = r"%[\w.$-]+"
+_RESULT_RE = re.compile(rf"^\s*({_VALUE})(?::\d+)?\s*=\s*([\w.]+)(.*)$")
+_ITER_ARG_RE = re.compile(rf"({_VALUE})\s*=\s*({_VALUE})")
+
+
+def _strip_loc(text: str) -> str:
+    return text.split(" loc(", 1)[0]
+
+
+def int64_row_offsets(ttir: str, ptr_arg: str, stride_arg: str) -> bool:
+    """Whether every row offset added to the pointer argument ``ptr_arg`` is computed in 64 bits.
+
+    The kernels address ``h[n, :]`` as ``h_ptr + n * stride_hn + k``: ``n * stride_hn`` reaches ``N * H``, beyond
+    2^31 for long batches, so it must be an int64 product (the ``.to(tl.int64)`` on the row index); the column
+    offset ``k < H`` may stay int32. In the TTIR this reads: every ``tt.addptr`` whose pointer operand comes from
+    ``ptr_arg`` and whose offset operand depends on ``stride_arg`` has an ``i64`` (or ``tensor<...xi64>``) offset,
+    and there is at least one such ``tt.addptr`` (so the check cannot pass vacuously).
+
+    A forward data-flow scan over the SSA text: a value "comes from" the pointer if it is produced by an op that
+    takes a value from the pointer as an operand (splat, broadcast, addptr, loop-carried iter_args...), and
+    "depends on" the stride likewise through any op. Flat scanning over-approximates both sets (names reused in
+    other regions), which can only make the check stricter.
+    """
+    from_ptr, from_stride = {f"%{ptr_arg}"}, {f"%{stride_arg}"}
+    seen, all_i64 = 0, True
+    for line in ttir.splitlines():
+        body = _strip_loc(line)
+        if "iter_args(" in body:  # block arguments of a loop take the values of its init operands
+            for block_arg, init in _ITER_ARG_RE.findall(body.split("iter_args(", 1)[1]):
+                init = init.split("#")[0]
+                if init in from_ptr:
+                    from_ptr.add(block_arg)
+                if init in from_stride:
+                    from_stride.add(block_arg)
+        match = _RESULT_RE.match(body)
+        if not match:
+            continue
+        result, op, rest = match.groups()
+        operands_text = rest.split(" : ", 1)[0]
+        operands = {v.split("#")[0] for v in re.findall(rf"{_VALUE}(?:#\d+)?", operands_text)}
+        if operands & from_ptr:
+            from_ptr.add(result)
+        if operands & from_stride:
+            from_stride.add(result)
+        if op == "tt.addptr":
+            ptr, offset = (v.strip().split("#")[0] for v in operands_text.split(",")[:2])
+            if ptr in from_ptr and offset in from_stride:
+                seen += 1
+                offset_type = rest.split(" : ", 1)[1].rsplit(",", 1)[1].strip()
+                all_i64 &= offset_type == "i64" or offset_type.endswith("xi64>")
+    return seen > 0 and all_i64
+
+
+_PTXAS_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS_RE = re.compile(r"Used (\d+) registers")
+
+
+def _ptxas_resources(log: str, metadata: dict):
+    """(registers, spilled bytes) of the cubin: from the compiled metadata when this Triton puts them there,
+    else from the ``ptxas -v`` log Triton prints with ``TRITON_DUMP_PTXAS_LOG``; None where neither has it."""
+    regs, spills = metadata.get("n_regs"), metadata.get("n_spills")
+    if regs is None and (m := _PTXAS_REGS_RE.search(log)):
+        regs = int(m.group(1))
+    if spills is None and (m := _PTXAS_SPILL_RE.search(log)):
+        spills = int(m.group(1)) + int(m.group(2))
+    return regs, spills
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compiling
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _worker_init() -> None:
+    from triton import knobs
+
+    knobs.nvidia.dump_ptxas_log = True  # ptxas already runs with -v; this prints its log (registers, spills)
+
+
+def compile_job(job: dict) -> dict:
+    """Compile one combination and return ``job`` extended with what the binary needs (never raises)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = _kernels_module()
+    fn = module._fwd_kernel if job["kernel"] == "fwd" else module._bwd_kernel
+    dtype = {"h": job["dtypes"]["hidden"], "w": job["dtypes"]["weight"]}
+    arg_types = _ARG_TYPES[job["kernel"]]
+
+    constexprs = dict(
+        _UNIT_STRIDES,
+        HAS_BIAS=True, HAS_GRAD_ENT=True,  # the superset of code paths (HAS_GRAD_ENT: bwd only)
+        CAST_FP32=job["mode"]["cast_fp32"], DOT_PRECISION=job["mode"]["dot_precision"], UPCAST=False,
+        BLOCK_N=job["config"]["BLOCK_N"], BLOCK_V=job["config"]["BLOCK_V"], BLOCK_H=job["config"]["BLOCK_H"],
+    )
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        ty = arg_types[name]  # a KeyError here means the kernel's signature changed: update _ARG_TYPES
+        if ty in ("*h", "*w"):
+            ty = "*" + dtype[ty[1]]
+        signature[name] = ty
+        if ty.startswith("*") or name in _DIVISIBLE_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = set(fn.arg_names) - set(signature)
+    assert not missing, f"no type for {missing}"
+
+    record = dict(job, ok=False, error=None, shared=None, ptx_wgmma=None, ptx_mma_sync=None, int64_offsets=None,
+                  n_regs=None, n_spills=None, compile_s=None)
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):  # the ptxas log, and Triton's dump of the PTX if ptxas fails
+            compiled = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                target=GPUTarget("cuda", job["arch"], 32),
+                options=dict(num_warps=job["config"]["num_warps"], num_stages=job["config"]["num_stages"]),
+            )
+    except Exception as exc:  # noqa: BLE001 - any failure is a result to report
+        record["error"] = f"{type(exc).__name__}: {exc}"[:4000]
+        record["compile_s"] = round(time.perf_counter() - start, 2)
+        return record
+    record["compile_s"] = round(time.perf_counter() - start, 2)
+
+    metadata = compiled.metadata._asdict()
+    ptx, ttir = compiled.asm["ptx"], compiled.asm["ttir"]
+    record["ok"] = bool(compiled.asm.get("cubin"))
+    record["error"] = None if record["ok"] else "no cubin produced"
+    record["shared"] = metadata["shared"]
+    record["ptx_wgmma"] = bool(re.search(r"\bwgmma\.mma_async", ptx))  # Hopper warp-group MMA
+    record["ptx_mma_sync"] = bool(re.search(r"\bmma\.sync\.aligned", ptx))  # Ampere-style warp MMA
+    record["int64_offsets"] = {
+        name: int64_row_offsets(ttir, ptr, stride) for name, (ptr, stride) in _INT64_CHECKS[job["kernel"]].items()
+    }
+    record["n_regs"], record["n_spills"] = _ptxas_resources(log.getvalue(), metadata)
+    return record
+
+
+def run(jobs: list[dict], workers: int = 2) -> list[dict]:
+    """Compile ``jobs`` on ``workers`` processes, in a throwaway Triton cache (every job is really compiled)."""
+    cache = tempfile.mkdtemp(prefix="rlcore-gpu-compile-")
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = cache  # inherited by the workers
+    try:
+        # spawn: fresh interpreters, no state forked from a parent that imported torch/triton
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
+            # bwd builds are the slowest: start them first so the two workers finish together
+            order = sorted(range(len(jobs)), key=lambda i: jobs[i]["kernel"] != "bwd")
+            results = dict(zip(order, pool.map(compile_job, [jobs[i] for i in order])))
+        return [results[i] for i in range(len(jobs))]
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = previous
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _summary(records: list[dict]) -> str:
+    lines = [f"{'id':<58} {'ok':<3} {'shared':>7} {'regs':>4} {'spill':>5} {'mma':<6} {'int64':<5} {'s':>5}"]
+    for r in records:
+        mma = "wgmma" if r["ptx_wgmma"] else "mma" if r["ptx_mma_sync"] else "-"
+        i64 = "yes" if r["int64_offsets"] and all(r["int64_offsets"].values()) else "NO"
+        lines.append(f"{r['id']:<58} {'ok' if r['ok'] else 'ERR':<3} {r['shared'] or 0:>7} {r['n_regs'] or 0:>4} "
+                     f"{r['n_spills'] if r['n_spills'] is not None else '?':>5} {mma:<6} {i64:<5} {r['compile_s']:>5}")
+        if r["error"]:
+            lines.append("    " + r["error"].splitlines()[0][:200])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported here or in the workers
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (default 80 90)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    records = run(enumerate_jobs(tuple(args.arch)), workers=args.workers)
+    print(_summary(records), file=sys.stderr)
+    print(f"{len(records)} builds in {time.perf_counter() - start:.1f} s on {args.workers} workers", file=sys.stderr)
+    json.dump(records, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Values and every gradient of ``rlcore.linear_logprobs`` against the float64 materialised reference.
+
+Both backends run here: the chunked PyTorch path, and the Triton kernels (compiled on a GPU, in Triton's CPU
+interpreter otherwise; see conftest.py). Upstream gradients reach ``logp`` and ``entropy`` at once, so one backward
+checks both terms of the kernel's ``dz``.
+
+Bars:
+- FP32-accurate modes (fp32 inputs, ``precision="fp32"``, float64): relative error ~1e-5 of the largest value.
+- Half-precision inputs: the normwise error against float64 must be no worse than PyTorch's own computation in the
+  same dtype (``rlcore.reference`` with ``compute_dtype=None``: bf16 logits, FP32 log-softmax, bf16 autograd).
+  Normwise (||x - ref|| / ||ref||), because a max over a few elements of two bf16-rounded results is a coin toss.
+  Results returned in a half dtype cannot beat the rounding of the exact answer to that dtype; within twice that
+  floor (one rounding step of slack) a tiny case passes even where PyTorch happens to round luckier.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from .conftest import HAS_CUDA
+from .helpers import HALF, errors, make_case, norm_err, norm_errors, run_reference, run_rlcore
+
+BACKENDS = ["torch", "triton"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# On a GPU, precision="tf32" rounds FP32 operands to 10-bit mantissas; the interpreter multiplies in full FP32.
+TF32_TOL = 5e-3 if HAS_CUDA else 2e-5
+FP32_TOL = {"logp": 2e-5, "ent": 2e-5, "dh": 5e-5, "dW": 5e-5, "db": 5e-5}
+
+
+def _fp32_accurate(dtype, precision):
+    return dtype == torch.float32 or precision == "fp32"
+
+
+def check_against_float64(case, backend, precision, dtype):
+    ref = run_reference(case)
+    out = run_rlcore(case, backend=backend, precision=precision)
+    for k in ref:
+        assert out[k].shape == ref[k].shape, k
+        assert torch.isfinite(out[k]).all(), f"{k} has non-finite values"
+    if dtype in HALF:
+        # Half inputs: no worse than PyTorch's own computation in that dtype, normwise (see module doc).
+        ours = norm_errors(out, ref)
+        torch_own = norm_errors(run_reference(case, compute_dtype=None), ref)
+        for k in ref:
+            # Gradients come back in the inputs' dtype: rounding the exact answer costs `floor`, which no method beats.
+            floor = norm_err(ref[k].to(out[k].dtype), ref[k])
+            bar = max(torch_own[k], 2 * floor) + 1e-7
+            assert ours[k] <= bar, f"{k}: rlcore {ours[k]:.3e} > PyTorch {dtype} {torch_own[k]:.3e} (floor {floor:.3e})"
+    else:
+        err = errors(out, ref)
+        for k in ref:
+            tol = TF32_TOL if precision == "tf32" and backend == "triton" else FP32_TOL[k]
+            assert err[k] <= tol, f"{k}: relative error {err[k]:.3e} > {tol:.0e} ({err})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(
+    N=st.integers(1, 48),
+    H=st.sampled_from([1, 16, 33, 60, 64, 72]),
+    V=st.integers(1, 520),                         # up to 3 vocabulary spans of 256 in the Triton forward
+    dtype=st.sampled_from(list(DTYPES)),
+    precision=st.sampled_from(["default", "tf32", "fp32"]),
+    temperature=st.sampled_from([1.0, 0.7, 1.6]),
+    bias=st.booleans(),
+    ignore_frac=st.sampled_from([0.0, 0.3]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_float64(backend, N, H, V, dtype, precision, temperature, bias, ignore_frac, seed):
+    dt = DTYPES[dtype]
+    case = make_case(N, H, V, dt, bias=bias, ignore_frac=ignore_frac, temperature=temperature, seed=seed)
+    check_against_float64(case, backend, precision, dt)
+
+
+# Hand-picked shapes, each for a reason.
+GRID = {
+    "N1-single-token": dict(N=1, H=64, V=300),
+    "H60-not-a-block-multiple": dict(N=20, H=60, V=300),
+    "V509-prime": dict(N=17, H=32, V=509),
+    "V5-below-one-tile": dict(N=9, H=16, V=5),
+    "V257-span-plus-one": dict(N=3, H=16, V=257),   # a second forward span holding a single vocabulary entry
+    "leading-dims-3x5": dict(N=None, H=32, V=100, lead=(3, 5)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", list(GRID), ids=list(GRID))
+def test_shape_grid(backend, dtype, shape):
+    case = make_case(**GRID[shape], dtype=DTYPES[dtype], bias=True, ignore_frac=0.2, temperature=0.8, seed=1)
+    check_against_float64(case, backend, "default", DTYPES[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("h_dtype", ["bf16", "fp16"])
+def test_fp32_head_with_half_activations(backend, h_dtype):
+    """precision="fp32" with bf16/fp16 hidden states and an FP32 head (the MiniMax-M1 fix) is FP32-accurate."""
+    case = make_case(23, 48, 333, DTYPES[h_dtype], w_dtype=torch.float32, bias=True, temperature=0.9, seed=3)
+    ref = run_reference(case)
+    err = errors(run_rlcore(case, backend=backend, precision="fp32"), ref)
+    for k, tol in FP32_TOL.items():
+        # dh comes back in the activations' dtype, so it carries their rounding; everything else is FP32.
+        bar = 2 ** -7 if k == "dh" else tol
+        assert err[k] <= bar, f"{k}: {err[k]:.3e}"
+    # ...and is far more accurate than PyTorch computing the head in the activations' dtype.
+    torch_own = errors(run_reference(case, compute_dtype=None), ref)
+    assert err["logp"] < torch_own["logp"] / 100
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("outputs", ["logp-only", "entropy-only"])
+def test_gradient_from_one_output(backend, outputs):
+    """Only one output reaches the loss: the other's gradient arrives as None and its term must vanish."""
+    use_logp, use_ent = outputs == "logp-only", outputs == "entropy-only"
+    case = make_case(21, 40, 300, torch.float32, bias=True, ignore_frac=0.2, temperature=0.7, seed=4)
+    ref = run_reference(case, use_logp=use_logp, use_ent=use_ent)
+    out = run_rlcore(case, backend=backend, use_logp=use_logp, use_ent=use_ent)
+    err = errors(out, ref)
+    for k, tol in FP32_TOL.items():
+        assert err[k] <= tol, f"{k}: {err[k]:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Strided hidden (a transposed view) and weight (a column slice) go through the kernels' strides."""
+    base = make_case(19, 70, 260, torch.float32, bias=True, ignore_frac=0.1, seed=5)
+    hidden = base.hidden.detach().T.contiguous().T.requires_grad_()     # stride (1, N)
+    weight = torch.cat([base.weight.detach(), torch.randn_like(base.weight)], 1)[:, :70].requires_grad_()
+    assert not hidden.is_contiguous() and not weight.is_contiguous()
+    case = type(base)(hidden, weight, base.targets, base.bias, base.g_logp, base.g_ent)
+    check_against_float64(case, backend, "default", torch.float32)
+
+
+def test_float64_gradcheck():
+    """The custom autograd formula (torch backend, float64) against finite differences, both outputs."""
+    case = make_case(5, 6, 11, torch.float64, bias=True, temperature=0.7, seed=6)
+    targets = case.targets.clone()
+    targets[1] = -100
+
+    def fn(h, w, b):
+        import rlcore
+
+        return rlcore.linear_logprobs(h, w, targets, bias=b, temperature=0.7, return_entropy=True)
+
+    assert torch.autograd.gradcheck(fn, (case.hidden, case.weight, case.bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree(backend):
+    """Both backends give the same numbers on FP32 inputs (a cross-check independent of the reference)."""
+    import rlcore
+
+    case = make_case(33, 64, 400, torch.float32, bias=True, ignore_frac=0.2, temperature=1.3, seed=7)
+    a = rlcore.linear_logprobs(case.hidden, case.weight, case.targets, bias=case.bias, temperature=1.3,
+                               return_entropy=True, backend=backend)
+    b = rlcore.linear_logprobs(case.hidden, case.weight, case.targets, bias=case.bias, temperature=1.3,
+                               return_entropy=True, backend="torch")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
