@@ -332,7 +332,7 @@ def _config_key(mode: KernelMode, dtype: torch.dtype) -> str:
 
 
 def default_config(kind: str, mode: KernelMode, dtype: torch.dtype) -> KernelConfig:
-    """The launch config used for ``kind`` in {"fwd", "bwd"}. ``RLCORE_CONFIG_INDEX`` picks another entry of the list."""
+    """The launch config for ``kind`` in {"fwd", "bwd"}; ``RLCORE_CONFIG_INDEX`` picks another entry of the list."""
     if is_interpreter():
         return INTERPRETER_CONFIG
     table = FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS

@@ -1,7 +1,7 @@
 """``linear_logprobs``: per-token log-probs (and entropy) of targets straight from hidden states and the LM head.
 
 Layers, bottom up:
-    backends      ``rlcore.kernels.linear_logprobs`` (Triton) and ``rlcore.chunked`` (PyTorch, a block of rows at a time)
+    backends      ``rlcore.kernels.linear_logprobs`` (Triton), ``rlcore.chunked`` (PyTorch, a block of rows at a time)
     torch ops     ``rlcore::linear_logprobs`` and ``rlcore::linear_logprobs_backward`` (``torch.library.custom_op``),
                   with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` sees one op
     public        ``linear_logprobs``: argument checks, ``[..., H]`` flattening, return shape
@@ -213,7 +213,7 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
         raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     for name, x in (("weight", weight), ("targets", targets), ("bias", bias)):
         if x is not None and x.device != hidden.device:
-            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; all inputs must share a device")
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; inputs must share a device")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
