@@ -195,7 +195,7 @@ def _bwd_kernel(
     N, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -208,55 +208,60 @@ def _bwd_kernel(
 
     b_t = tl.load(t_ptr + o_n, mask=m_n, other=ignore_index).to(tl.int64)
     m_row = m_n & (b_t != ignore_index)  # rows that carry gradient
-    b_glp = tl.load(glp_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
-    b_lse = tl.load(lse_ptr + o_n, mask=m_row, other=0.0)
+    # A block of ignored rows (prompt tokens, padding) contributes nothing: skip its GEMMs altogether.
+    if tl.max(m_row.to(tl.int32), 0) > 0:
+        b_glp = tl.load(glp_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
+        b_lse = tl.load(lse_ptr + o_n, mask=m_row, other=0.0)
 
-    b_z = _logits_tile(
-        h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
-        stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
-        HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
-    )
-    b_zr = b_z - b_lse[:, None]                       # log p, -inf on masked columns
-    b_p = tl.where(m_row[:, None], tl.exp(b_zr), 0.0)  # [BLOCK_N, BLOCK_V]
-    b_hit = o_v[None, :].to(tl.int64) == b_t[:, None]
-    b_dz = tl.where(b_hit, b_glp[:, None], 0.0) - b_glp[:, None] * b_p
-    if HAS_GRAD_ENT:
-        b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
-        b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
-        b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
-    b_dz = b_dz * inv_temp  # d/d(h W^T + b)
+        b_z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
+            stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+            HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
+        b_zr = b_z - b_lse[:, None]                       # log p, -inf on masked columns
+        b_p = tl.where(m_row[:, None], tl.exp(b_zr), 0.0)  # [BLOCK_N, BLOCK_V]
+        b_hit = o_v[None, :].to(tl.int64) == b_t[:, None]
+        b_dz = tl.where(b_hit, b_glp[:, None], 0.0) - b_glp[:, None] * b_p
+        if HAS_GRAD_ENT:
+            b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
+            b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
+            b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
+        b_dz = b_dz * inv_temp  # d/d(h W^T + b)
 
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, 0), mask=m_v)
-    # dz meets the half-precision h and W tiles on the tensor cores in their dtype, rounded once (as PyTorch's bf16
-    # autograd rounds its logit gradients); its inputs, exact FP32 logits and LSE, are what make it the more accurate.
-    if CAST_FP32:
-        b_dzc = b_dz
-    elif UPCAST:
-        b_dzc = _round_bf16(b_dz)
-    else:
-        b_dzc = b_dz.to(h_ptr.dtype.element_ty)
-
-    o_h = tl.arange(0, BLOCK_H)
-    p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh  # [BLOCK_N, BLOCK_H]
-    p_w = w_ptr + o_v[:, None].to(tl.int64) * stride_wv + o_h[None, :] * stride_wh  # [BLOCK_V, BLOCK_H]
-    p_dh = dh_ptr + o_n[:, None].to(tl.int64) * H + o_h[None, :]                     # dh is contiguous fp32
-    p_dw = dw_ptr + o_v[:, None].to(tl.int64) * H + o_h[None, :]                     # dW is contiguous fp32
-    for i_h in range(0, tl.cdiv(H, BLOCK_H)):
-        m_h = o_h < H - i_h * BLOCK_H
-        b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0)
-        b_w = tl.load(p_w, mask=m_v[:, None] & m_h[None, :], other=0.0)
+        if HAS_BIAS:
+            tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, 0), mask=m_v)
+        # With half-precision tiles, dz meets h and W on the tensor cores in their dtype, rounded once (as PyTorch's
+        # bf16 autograd rounds its logit gradients); being formed from exact FP32 logits makes it the more accurate.
         if CAST_FP32:
-            b_h = b_h.to(tl.float32)
-            b_w = b_w.to(tl.float32)
-        b_dh = _dot(b_dzc, b_w, None, DOT_PRECISION, UPCAST)                     # [BLOCK_N, BLOCK_H]
-        b_dw = _dot(tl.trans(b_dzc), b_h, None, DOT_PRECISION, UPCAST)           # [BLOCK_V, BLOCK_H]
-        tl.atomic_add(p_dh, b_dh, mask=m_n[:, None] & m_h[None, :])
-        tl.atomic_add(p_dw, b_dw, mask=m_v[:, None] & m_h[None, :])
-        p_h += BLOCK_H * stride_hh
-        p_w += BLOCK_H * stride_wh
-        p_dh += BLOCK_H
-        p_dw += BLOCK_H
+            b_dzc = b_dz
+        elif UPCAST:
+            b_dzc = _round_bf16(b_dz)
+        else:
+            b_dzc = b_dz.to(h_ptr.dtype.element_ty)
+
+        o_h = tl.arange(0, BLOCK_H)
+        p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh  # [BLOCK_N, BLOCK_H]
+        p_w = w_ptr + o_v[:, None].to(tl.int64) * stride_wv + o_h[None, :] * stride_wh  # [BLOCK_V, BLOCK_H]
+        p_dh = dh_ptr + o_n[:, None].to(tl.int64) * H + o_h[None, :]                     # dh: contiguous fp32
+        p_dw = dw_ptr + o_v[:, None].to(tl.int64) * H + o_h[None, :]                     # dW: contiguous fp32
+        for i_h in range(0, tl.cdiv(H, BLOCK_H)):
+            m_h = o_h < H - i_h * BLOCK_H
+            if COMPUTE_DH:
+                b_w = tl.load(p_w, mask=m_v[:, None] & m_h[None, :], other=0.0)
+                if CAST_FP32:
+                    b_w = b_w.to(tl.float32)
+                b_dh = _dot(b_dzc, b_w, None, DOT_PRECISION, UPCAST)                 # [BLOCK_N, BLOCK_H]
+                tl.atomic_add(p_dh, b_dh, mask=m_n[:, None] & m_h[None, :])
+            if COMPUTE_DW:
+                b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0)
+                if CAST_FP32:
+                    b_h = b_h.to(tl.float32)
+                b_dw = _dot(tl.trans(b_dzc), b_h, None, DOT_PRECISION, UPCAST)       # [BLOCK_V, BLOCK_H]
+                tl.atomic_add(p_dw, b_dw, mask=m_v[:, None] & m_h[None, :])
+            p_h += BLOCK_H * stride_hh
+            p_w += BLOCK_H * stride_wh
+            p_dh += BLOCK_H
+            p_dw += BLOCK_H
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -399,23 +404,29 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, mode: Ke
 
 
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent,
-                        inv_temp: float, ignore_index: int, mode: KernelMode):
-    """Launch the backward. Returns FP32 ``(dh [N, H], dW [V, H], db [V] | None)``; the caller casts."""
+                        inv_temp: float, ignore_index: int, mode: KernelMode,
+                        compute_dh: bool = True, compute_dw: bool = True):
+    """Launch the backward. Returns FP32 ``(dh [N, H] | None, dW [V, H] | None, db [V] | None)``; the caller casts.
+
+    ``compute_dh`` / ``compute_dw`` False skip that GEMM (a frozen LM head needs no ``dW``).
+    """
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = default_config("bwd", mode, hidden.dtype)
-    dh = torch.zeros((N, H), device=hidden.device, dtype=torch.float32)
-    dw = torch.zeros((V, H), device=hidden.device, dtype=torch.float32)
-    db = torch.zeros((V,), device=hidden.device, dtype=torch.float32) if bias is not None else None
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    dh = torch.zeros((N, H), **f32) if compute_dh else None
+    dw = torch.zeros((V, H), **f32) if compute_dw else None
+    db = torch.zeros((V,), **f32) if bias is not None else None
     grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
+    dummy = lse  # any fp32 tensor stands in for a pointer the kernel never touches
     _bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lse, ent,
         grad_logp, grad_ent if grad_ent is not None else grad_logp,
-        dh, dw, db if db is not None else dh,
+        dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
         N, V, H,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         inv_temp, ignore_index,
-        HAS_BIAS=bias is not None, HAS_GRAD_ENT=grad_ent is not None,
+        HAS_BIAS=bias is not None, HAS_GRAD_ENT=grad_ent is not None, COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
         CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
     )

@@ -65,8 +65,9 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float):
 
 
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp: float,
-                        ignore_index: int):
-    """Gradients ``(dh [N, H], dW [V, H], db [V] | None)`` in the compute dtype; recomputes logits per chunk."""
+                        ignore_index: int, compute_dh: bool = True, compute_dw: bool = True):
+    """Gradients ``(dh [N, H] | None, dW [V, H] | None, db [V] | None)`` in the compute dtype; recomputes the
+    logits per chunk. ``compute_dh`` / ``compute_dw`` False skip that GEMM."""
     N, V = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype, weight.dtype)
     w, b = weight.to(cdt), _cast(bias, cdt)
@@ -74,8 +75,8 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
     g_lp = torch.where(valid, grad_logp.to(cdt), 0.0)            # ignored rows carry no gradient
     g_ent = torch.where(valid, grad_ent.to(cdt), 0.0) if grad_ent is not None else None
     safe_t = targets.long().clamp(0, V - 1)
-    dh = torch.empty((N, hidden.shape[1]), dtype=cdt, device=hidden.device)
-    dw = torch.zeros((V, hidden.shape[1]), dtype=cdt, device=hidden.device)
+    dh = torch.empty((N, hidden.shape[1]), dtype=cdt, device=hidden.device) if compute_dh else None
+    dw = torch.zeros((V, hidden.shape[1]), dtype=cdt, device=hidden.device) if compute_dw else None
     db = torch.zeros(V, dtype=cdt, device=hidden.device) if bias is not None else None
     step = _rows_per_chunk(V)
     for s in range(0, N, step):
@@ -89,8 +90,10 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
             zr.masked_fill_(p == 0, 0.0)
             dz.sub_(p.mul_(zr.add_(ent[sl, None])).mul_(g_ent[sl, None]))
         dz.mul_(inv_temp)
-        dh[sl] = dz @ w
-        dw.addmm_(dz.T, h_c)
+        if dh is not None:
+            dh[sl] = dz @ w
+        if dw is not None:
+            dw.addmm_(dz.T, h_c)
         if db is not None:
             db += dz.sum(0)
     return dh, dw, db

@@ -37,17 +37,43 @@ def _kernels():
     return _kernels_module
 
 
-def _kernel_mode(precision: str, h_dtype: torch.dtype, w_dtype: torch.dtype):
-    """Map the user's precision to the kernels' (CAST_FP32, DOT_PRECISION) switches.
+def _kernel_mode(precision: str, h_dtype: torch.dtype, w_dtype: torch.dtype, kind: str):
+    """Map the user's precision to the kernels' (CAST_FP32, DOT_PRECISION) switches for ``kind`` in {"fwd", "bwd"}.
 
-    - Same-dtype half inputs go to the tensor cores as they are in every mode: bf16/fp16 products are exact in the
-      FP32 accumulator, so this already is the FP32 computation of those inputs.
-    - FP32 (or mixed) operands: "default" and "fp32" use 3xTF32, FP32-accurate on tensor cores; "tf32" uses one pass.
+    - Same-dtype half inputs go to the tensor cores as they are: bf16/fp16 products are exact in the FP32
+      accumulator, so the forward already is the FP32 computation of those inputs, in every mode. The backward
+      rounds ``dz`` to the input dtype for its two GEMMs, except with ``precision="fp32"``, where ``dz`` stays FP32
+      and meets the upcast tiles in one TF32 pass (half values are exact in TF32; ``dz`` keeps 10 mantissa bits).
+    - FP32 or mixed operands: "default" and "fp32" use 3xTF32, FP32-accurate on tensor cores; "tf32" one pass.
     """
     mode_cls = _kernels().KernelMode
     if h_dtype == w_dtype and h_dtype in _HALF:
+        if kind == "bwd" and precision == "fp32":
+            return mode_cls(cast_fp32=True, dot_precision="tf32")
         return mode_cls(cast_fp32=False, dot_precision="tf32")
     return mode_cls(cast_fp32=True, dot_precision="tf32" if precision == "tf32" else "tf32x3")
+
+
+def _dtype_pairs():
+    """(hidden, weight) dtype pairs the Triton backend takes, with the precisions each is valid under."""
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        yield dt, dt, PRECISIONS
+    for dt in _HALF:
+        yield dt, torch.float32, ("tf32", "fp32")   # half activations under an FP32 head
+
+
+def launched_modes():
+    """Every ``(kind, hidden dtype, weight dtype, KernelMode)`` the op can launch on the Triton backend.
+
+    ``tests/gpu_compile_check.py`` compiles each of them with every shipped config for sm_80 and sm_90.
+    """
+    modes = {}
+    for h_dt, w_dt, precisions in _dtype_pairs():
+        for precision in precisions:
+            for kind in ("fwd", "bwd"):
+                mode = _kernel_mode(precision, h_dt, w_dt, kind)
+                modes[(kind, h_dt, w_dt, mode)] = None
+    return list(modes)
 
 
 def _out_dtype(h_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
@@ -91,7 +117,7 @@ def _linear_logprobs_op(
         return empty, empty.clone(), empty.clone()
     _check_target_range(targets, V, ignore_index)
     if backend == "triton":
-        mode = _kernel_mode(precision, hidden.dtype, weight.dtype)
+        mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "fwd")
         lse, ent, zt = _kernels().linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature, mode)
     else:
         lse, ent, zt = chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature)
@@ -123,34 +149,42 @@ def _linear_logprobs_backward_op(
     ignore_index: int,
     precision: str,
     backend: str,
+    compute_dh: bool,
+    compute_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dh [N, H], dW [V, H], db)`` in the dtypes of ``hidden``, ``weight``, ``bias``; ``db`` is ``[0]``
-    when there is no bias."""
+    """Returns ``(dh [N, H], dW [V, H], db)`` in the dtypes of ``hidden``, ``weight``, ``bias``. A gradient not
+    asked for (``compute_dh`` / ``compute_dw`` False, or no bias) is an empty ``[0]`` tensor and costs nothing."""
     N, H = hidden.shape
     if N == 0:
-        db = torch.zeros_like(bias) if bias is not None else hidden.new_empty((0,))
-        return hidden.new_zeros((0, H)), torch.zeros_like(weight), db
-    grad_logp = grad_logp.contiguous()
-    grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
-    if backend == "triton":
-        mode = _kernel_mode(precision, hidden.dtype, weight.dtype)
-        dh, dw, db = _kernels().linear_logprobs_bwd(
-            grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-            1.0 / temperature, ignore_index, mode,
-        )
+        dh, dw = hidden.new_zeros((0, H)), torch.zeros_like(weight)
+        db = torch.zeros_like(bias) if bias is not None else None
     else:
-        dh, dw, db = chunked.linear_logprobs_bwd(
-            grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, 1.0 / temperature, ignore_index,
-        )
-    db = db.to(bias.dtype) if bias is not None else hidden.new_empty((0,))
-    return dh.to(hidden.dtype), dw.to(weight.dtype), db
+        grad_logp = grad_logp.contiguous()
+        grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
+        if backend == "triton":
+            mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "bwd")
+            dh, dw, db = _kernels().linear_logprobs_bwd(
+                grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+                1.0 / temperature, ignore_index, mode, compute_dh, compute_dw,
+            )
+        else:
+            dh, dw, db = chunked.linear_logprobs_bwd(
+                grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, 1.0 / temperature,
+                ignore_index, compute_dh, compute_dw,
+            )
+    def empty():  # a distinct [0] tensor per skipped output: custom-op outputs may not alias
+        return hidden.new_empty((0,))
+
+    return (dh.to(hidden.dtype) if compute_dh else empty(), dw.to(weight.dtype) if compute_dw else empty(),
+            db.to(bias.dtype) if bias is not None else empty())
 
 
 @_linear_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index, precision,
-      backend):
-    db = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
-    return torch.empty_like(hidden), torch.empty_like(weight), db
+      backend, compute_dh, compute_dw):
+    return (torch.empty_like(hidden) if compute_dh else hidden.new_empty((0,)),
+            torch.empty_like(weight) if compute_dw else hidden.new_empty((0,)),
+            torch.empty_like(bias) if bias is not None else hidden.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -163,12 +197,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_logp, grad_ent, _grad_lse):
     hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+    if (grad_logp is None and grad_ent is None) or not (need_dh or need_dw or need_db):
+        return None, None, None, None, None, None, None, None
     if grad_logp is None:
-        if grad_ent is None:
-            return None, None, None, None, None, None, None, None
         grad_logp = torch.zeros_like(lse)
-    dh, dw, db = _linear_logprobs_backward_op(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, *ctx.args)
-    return dh, dw, (db if bias is not None else None), None, None, None, None, None
+    dh, dw, db = _linear_logprobs_backward_op(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, *ctx.args,
+                                              need_dh, need_dw)
+    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None, None
 
 
 torch.library.register_autograd("rlcore::linear_logprobs", _backward, setup_context=_setup_context)
@@ -220,13 +256,18 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if precision == "default" and hidden.dtype != weight.dtype:
-        raise TypeError(
-            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype with precision='default'; "
-            "use precision='fp32' to compute a mixed-dtype head in FP32"
-        )
-
     fp64 = torch.float64 in (hidden.dtype, weight.dtype)
+    if hidden.dtype != weight.dtype and not fp64:
+        if precision == "default":
+            raise TypeError(
+                f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype with precision='default'; "
+                "use precision='fp32' to compute a mixed-dtype head in FP32"
+            )
+        if not (hidden.dtype in _HALF and weight.dtype == torch.float32):
+            raise TypeError(
+                f"hidden ({hidden.dtype}) and weight ({weight.dtype}): the only mixed pair is bf16/fp16 hidden states "
+                "with a float32 head; cast one of them"
+            )
     if backend == "auto":
         return "triton" if hidden.device.type == "cuda" and not fp64 else "torch"
     if backend == "triton":

@@ -52,23 +52,19 @@ if str(REPO_ROOT) not in sys.path:
 ARCHS = (80, 90)
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
-# The (hidden, weight) dtypes and KernelMode fields that rlcore.logprobs._kernel_mode actually launches, per config
-# table key (rlcore.kernels.linear_logprobs._config_key picks the table):
-#   "half": same-dtype bf16 / fp16 inputs go to the tensor cores as they are (DOT_PRECISION is ignored for them);
-#   "fp32": fp32 inputs with 3xTF32 (precision "default"/"fp32") or one TF32 pass (precision "tf32"), and a bf16
-#           hidden state with an fp32 head (precision "fp32"), upcast after the load.
-# UPCAST is a CPU-interpreter workaround and is always False on a GPU.
-LAUNCHED_MODES = {
-    "half": [
-        ("bf16", "bf16", False, "tf32"),
-        ("fp16", "fp16", False, "tf32"),
-    ],
-    "fp32": [
-        ("fp32", "fp32", True, "tf32x3"),
-        ("fp32", "fp32", True, "tf32"),
-        ("bf16", "fp32", True, "tf32x3"),
-    ],
-}
+_DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def launched_modes() -> list[tuple]:
+    """``(kernel, hidden dtype, weight dtype, cast_fp32, dot_precision)`` for every launch rlcore can make, taken
+    from ``rlcore.logprobs.launched_modes`` (the op's own precision mapping), so a new mode is covered at once.
+    UPCAST is a CPU-interpreter workaround and is always False on a GPU."""
+    from rlcore.logprobs import launched_modes as modes
+
+    return [(kind, _DTYPE_NAMES[str(h)], _DTYPE_NAMES[str(w)], m.cast_fp32, m.dot_precision)
+            for kind, h, w, m in modes()]
+
 
 # Pointer and scalar types of each kernel argument, as a real launch from linear_logprobs_fwd/_bwd specializes them
 # ("h"/"w" stand for the hidden/weight dtypes). Targets are int64; every buffer the kernels write, and the saved
@@ -122,24 +118,26 @@ def enumerate_jobs(archs=ARCHS) -> list[dict]:
     Importing the kernels module is all this needs (it works under the interpreter too), so the test can build its
     parametrization at collection time.
     """
+    import torch
+
     module = _kernels_module()
     jobs = []
-    for kernel, table in (("fwd", module.FWD_CONFIGS), ("bwd", module.BWD_CONFIGS)):
-        assert set(table) <= set(LAUNCHED_MODES), f"{kernel}: config table keys {set(table)} not all known"
-        for key, configs in table.items():
-            for index, cfg in enumerate(configs):
-                for h_dtype, w_dtype, cast_fp32, dot_precision in LAUNCHED_MODES[key]:
-                    for arch in archs:
-                        job = dict(
-                            kernel=kernel, table=key, index=index,
-                            config=dict(BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
-                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                            dtypes=dict(hidden=h_dtype, weight=w_dtype),
-                            mode=dict(cast_fp32=cast_fp32, dot_precision=dot_precision),
-                            arch=arch,
-                        )
-                        job["id"] = job_id(job)
-                        jobs.append(job)
+    tables = {"fwd": module.FWD_CONFIGS, "bwd": module.BWD_CONFIGS}
+    for kernel, h_dtype, w_dtype, cast_fp32, dot_precision in launched_modes():
+        mode = module.KernelMode(cast_fp32, dot_precision)
+        key = module._config_key(mode, getattr(torch, _TORCH_DTYPES[h_dtype]))
+        for index, cfg in enumerate(tables[kernel][key]):
+            for arch in archs:
+                job = dict(
+                    kernel=kernel, table=key, index=index,
+                    config=dict(BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
+                                num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                    dtypes=dict(hidden=h_dtype, weight=w_dtype),
+                    mode=dict(cast_fp32=cast_fp32, dot_precision=dot_precision),
+                    arch=arch,
+                )
+                job["id"] = job_id(job)
+                jobs.append(job)
     return jobs
 
 
@@ -239,7 +237,7 @@ def compile_job(job: dict) -> dict:
 
     constexprs = dict(
         _UNIT_STRIDES,
-        HAS_BIAS=True, HAS_GRAD_ENT=True,  # the superset of code paths (HAS_GRAD_ENT: bwd only)
+        HAS_BIAS=True, HAS_GRAD_ENT=True, COMPUTE_DH=True, COMPUTE_DW=True,  # the superset of code paths
         CAST_FP32=job["mode"]["cast_fp32"], DOT_PRECISION=job["mode"]["dot_precision"], UPCAST=False,
         BLOCK_N=job["config"]["BLOCK_N"], BLOCK_V=job["config"]["BLOCK_V"], BLOCK_H=job["config"]["BLOCK_H"],
     )

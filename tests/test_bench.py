@@ -65,7 +65,7 @@ def test_rows_are_complete_and_sane(tiny_run):
         for N in (100, 1024):
             for provider in measured:
                 assert (case, N, provider) in ok, (case, N, provider)
-    for (case, N, provider), row in ok.items():
+    for (case, _, provider), row in ok.items():
         for k in ("time_ms", "time_p20_ms", "time_p80_ms", "tflops", "time_vs_floor", "time_vs_reference",
                   "mem_vs_reference"):
             assert isinstance(row[k], (int, float)) and math.isfinite(row[k]) and row[k] > 0, (k, row)

@@ -43,6 +43,8 @@ BAD = {
     "temperature-tensor": (dict(temperature=torch.tensor(0.7)), TypeError, "temperature"),
     "ignore-index-float": (dict(ignore_index=-100.0), TypeError, "ignore_index"),
     "mixed-dtype-default-precision": (dict(hidden=torch.randn(N, H).bfloat16()), TypeError, "precision='fp32'"),
+    "mixed-fp32-hidden-bf16-head": (dict(weight=torch.randn(V, H).bfloat16(), precision="fp32"), TypeError,
+                                    "float32 head"),
     "triton-float64": (dict(hidden=torch.randn(N, H, dtype=torch.float64),
                             weight=torch.randn(V, H, dtype=torch.float64), backend="triton"), TypeError, "float64"),
 }

@@ -131,3 +131,34 @@ def test_backends_agree(backend):
                                return_entropy=True, backend="torch")
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_frozen_input_gets_no_gradient_and_the_other_is_exact(backend, frozen):
+    """A frozen LM head (LoRA-style RL) skips the dW GEMM; frozen hidden states skip dh. The other stays exact."""
+    import rlcore
+
+    case = make_case(19, 40, 300, torch.float32, bias=False, ignore_frac=0.2, temperature=0.9, seed=8)
+    ref = run_reference(case)
+    getattr(case, frozen).requires_grad_(False)
+    live = case.hidden if frozen == "weight" else case.weight
+    logp, ent = rlcore.linear_logprobs(case.hidden, case.weight, case.targets, temperature=0.9, return_entropy=True,
+                                       backend=backend)
+    (grad,) = torch.autograd.grad((logp * case.g_logp).sum() + (ent * case.g_ent).sum(), [live])
+    expected = ref["dh"] if frozen == "weight" else ref["dW"]
+    assert errors({"g": grad}, {"g": expected})["g"] <= 5e-5
+    assert getattr(case, frozen).grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_precision_backward_of_half_inputs_keeps_dz_in_fp32(backend):
+    """precision="fp32" with bf16 inputs: gradients limited by the final bf16 rounding alone (dz is not rounded)."""
+    case = make_case(29, 64, 400, torch.bfloat16, bias=True, ignore_frac=0.1, temperature=0.8, seed=9)
+    report = compare(case, backend, "fp32")
+    assert report.passed, report.failures
+    from rlcore.validate import norm_err
+    ref = run_reference(case)
+    for k in ("dh", "dW"):
+        floor = norm_err(ref[k].to(torch.bfloat16), ref[k])   # rounding the exact gradient to bf16
+        assert report.norm[k] <= 1.2 * floor, f"{k}: {report.norm[k]:.3e} vs rounding floor {floor:.3e}"

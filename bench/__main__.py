@@ -1,0 +1,5 @@
+"""``python -m bench``: see ``python -m bench --help``."""
+
+from .cli import main
+
+raise SystemExit(main())

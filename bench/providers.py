@@ -1,0 +1,158 @@
+"""Who computes a case. Each provider either builds the timed call or says why it cannot run here.
+
+    gemm-floor     the case's bare ``torch.matmul`` GEMMs, no softmax: the time every fused figure is divided by
+    reference      ``rlcore.reference`` eagerly, in the input dtype: materialised ``[N, V]`` logits, what trainers do
+    compile        the same reference under ``torch.compile`` (Inductor fuses the softmax, still materialises)
+    rlcore-torch   ``rlcore.linear_logprobs(backend="torch")``: the chunked PyTorch path
+    rlcore-triton  ``rlcore.linear_logprobs(backend="triton")``: the fused kernels (CUDA only)
+
+New providers (peers such as Liger or Cut Cross-Entropy) subclass ``LogprobsProvider`` and join ``PROVIDERS``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import rlcore
+from rlcore.reference import linear_logprobs_reference
+
+from .cases import Case, Inputs, LogprobsFn
+from .shapes import Shape
+
+__all__ = ["Context", "Provider", "LogprobsProvider", "PROVIDERS"]
+
+
+@dataclass(frozen=True)
+class Context:
+    device: torch.device
+    quick: bool
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on the device (CUDA), or the kernel's MemAvailable (CPU); ``None`` when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+class Provider:
+    """Base class. ``logits_copies``: how many ``[N, V]`` FP32-sized buffers the provider holds at its peak, per
+    case (an over-estimate, used only to skip a run that would not fit instead of being killed by the OOM killer)."""
+
+    name: str
+    compiles = False                 # its first call compiles: one untimed call before measuring
+    has_outputs = True               # its outputs are checked against the float64 reference
+    logits_copies: dict[str, float] = {}
+
+    def unavailable(self, ctx: Context) -> Optional[str]:
+        """Why this provider cannot run on this machine at all, or ``None``."""
+        return None
+
+    def wont_fit(self, ctx: Context, case: Case, shape: Shape, N: int) -> Optional[str]:
+        """Why this provider would not fit in memory at this size, or ``None``."""
+        copies = self.logits_copies.get(case.name, 0.0)
+        free = _available_bytes(ctx.device)
+        need = copies * N * shape.V * 4
+        if copies and free is not None and need > 0.85 * free:
+            return f"needs ~{_gib(need)} for materialised [N, V] logits, {_gib(free)} free"
+        return None
+
+    def build(self, case: Case, inp: Inputs) -> Callable[[], object]:
+        raise NotImplementedError
+
+
+class LogprobsProvider(Provider):
+    """A provider given by a log-probs function; the case turns it into the timed call."""
+
+    def logprobs_fn(self) -> LogprobsFn:
+        raise NotImplementedError
+
+    def build(self, case, inp):
+        return case.call(self.logprobs_fn(), inp)
+
+
+class GemmFloor(Provider):
+    name = "gemm-floor"
+    has_outputs = False
+    logits_copies = {"fwd": 1.0, "fwd_bwd": 1.1}   # the [N, V] GEMM output (half-size in bf16, counted at 4 bytes)
+
+    def build(self, case, inp):
+        return case.floor(inp)
+
+
+def _eager_reference(hidden, weight, targets, return_entropy):
+    """The materialised baseline: logits in the input dtype, FP32 log-softmax, gather (``rlcore.reference``)."""
+    return linear_logprobs_reference(hidden, weight, targets, return_entropy=return_entropy, compute_dtype=None)
+
+
+class Reference(LogprobsProvider):
+    name = "reference"
+    # Measured on CPU in fp32 (cpu-small, N = 8192): fwd 2.0 (logits, log-softmax), fwd_bwd 5.0 (saved log-softmax,
+    # exp, product, gradients); a margin on top for bf16's extra FP32 copy of the logits.
+    logits_copies = {"fwd": 3.0, "fwd_bwd": 6.0}
+
+    def logprobs_fn(self):
+        return _eager_reference
+
+
+class Compiled(LogprobsProvider):
+    name = "compile"
+    compiles = True
+    # Inductor fuses the softmax chain: measured on CPU in fp32 (tiny) at 0.5x (fwd) and 0.6x (fwd_bwd) the eager peak.
+    logits_copies = {"fwd": 1.5, "fwd_bwd": 4.0}
+
+    def unavailable(self, ctx):
+        if ctx.device.type == "cpu":
+            if ctx.quick:
+                return "slow to compile on CPU (~20 s per shape and case); run without --quick"
+            if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+                return "Inductor's CPU backend needs a C++ compiler, none on PATH"
+        return None
+
+    def logprobs_fn(self):
+        torch._dynamo.reset()    # a fresh compile per (case, shape, N, dtype): no recompile-limit surprises
+        return torch.compile(_eager_reference, dynamic=False)
+
+
+class RlcoreTorch(LogprobsProvider):
+    name = "rlcore-torch"
+
+    def logprobs_fn(self):
+        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="torch")
+
+
+class RlcoreTriton(LogprobsProvider):
+    name = "rlcore-triton"
+
+    def unavailable(self, ctx):
+        if ctx.device.type != "cuda":
+            return "needs CUDA (Triton's CPU interpreter is for tests, never timed)"
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return f"triton not importable: {e}"
+        return None
+
+    def logprobs_fn(self):
+        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="triton")
+
+
+# Run order within a group: the floor and the reference first, so every later row's ratios are known when it prints.
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (GemmFloor(), Reference(), Compiled(), RlcoreTorch(),
+                                                      RlcoreTriton())}
