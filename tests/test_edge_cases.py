@@ -109,7 +109,10 @@ def test_int64_scale_on_the_chunked_path():
     ref_ent = -(ref_logp.exp() * ref_logp).sum()
     torch.testing.assert_close(logp.double(), ref_logp[targets], rtol=0, atol=2e-5)
     torch.testing.assert_close(ent.double(), ref_ent.expand(N), rtol=0, atol=2e-5)
-    assert peak < 64 * 2**20, f"peak {peak / 2**20:.1f} MiB: the chunked path must not grow with N * V"
+    from rlcore.chunked import CHUNK_ELEMENTS
+
+    budget = 6 * CHUNK_ELEMENTS * 4 + 64 * N   # a few [C, V] fp32 temporaries plus per-row outputs
+    assert peak < budget, f"peak {peak / 2**20:.1f} MiB: the chunked path must not grow with N * V"
 
 
 def test_case_dataclass_roundtrip():

@@ -58,8 +58,9 @@ def test_peak_grows_with_N_like_N_times_H_not_N_times_V(backend):
 
 
 def test_peak_is_a_small_fraction_of_the_reference():
-    """N = 4096, V = 16000, H = 64, fp32: the chunked path's peak against the materialised reference's, same run."""
-    H, V, N = 64, 16000, 4096
+    """N = 8192, V = 32000, fp32 (H = 64 to keep it quick): the chunked path's peak against the materialised
+    reference's, in the same run."""
+    H, V, N = 64, 32000, 8192
     ours = _fwd_bwd(_rlcore("torch"), N, H, V)
     ref = _fwd_bwd(_reference, N, H, V)
     assert ref > 3 * N * V * FP32 * 0.9, "the reference should hold several [N, V] tensors"
