@@ -22,19 +22,27 @@ The partial states of the ``SPLITS`` spans are written to a ``[4, SPLITS, N]`` F
 (``merge_partials``): ``lse = M + log S`` and ``ent = log S - A / S``. Splitting the vocabulary keeps the GPU full when
 ``N`` is small.
 
-Backward (``_bwd_kernel``): the loss reaches the kernel as the upstream gradients ``g_lp = dL/dlogp`` and
-``g_ent = dL/dent`` per row. Differentiating the definitions above::
+Backward: the loss reaches the kernels as the upstream gradients ``g_lp = dL/dlogp`` and ``g_ent = dL/dent`` per row.
+Differentiating the definitions above::
 
     dlogp/dz_v = [v == t] - p_v
     dent/dz_v  = -p_v (log p_v + ent) = -p_v (z_v - lse + ent)
     dz_v       = g_lp ([v == t] - p_v) - g_ent p_v (z_v - lse + ent)
     dlogits_v  = dz_v * inv_temp                    (chain rule through the temperature)
-    dh   += dlogits @ W          dW += dlogits.T @ h          db += sum_n dlogits
+    dh   = dlogits @ W          dW = dlogits.T @ h          db = sum_n dlogits
 
-Grid ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``: each program recomputes its logit tile from the saved ``lse`` (one GEMM),
-forms ``dz`` in registers and adds its contributions to FP32 ``dh [N, H]`` and ``dW [V, H]`` buffers with atomics,
-``BLOCK_H`` columns at a time. No ``[N, V]`` tensor exists in either pass; the extra memory is the FP32 gradient
-buffers, O(N H + V H).
+The vocabulary is walked in slices of ``C`` columns (``C`` ~ 2 H, so a slice's ``dz`` has about as many elements as
+``dh``). Per slice, ``_dz_kernel`` (grid ``(cdiv(N, BLOCK_N), cdiv(C, BLOCK_V))``) recomputes each logit tile from the
+saved ``lse`` (the one extra GEMM), forms ``dlogits`` in registers and writes it to a ``[N, C]`` buffer in the GEMM
+dtype; ``_matmul_kernel`` then computes ``dW[slice] = dz^T @ h`` (complete over all rows, so written once, in the
+weight's dtype) and ``dh += dz @ W[slice]`` (FP32 buffer). Every output tile has one owner: no atomics, the backward
+is deterministic, and nothing of size ``[N, V]`` or FP32 ``[V, H]`` is held.
+
+Why not the one-kernel scheme with atomics (each ``(row block, vocabulary tile)`` program adding its ``dz @ W`` and
+``dz^T @ h`` into FP32 ``dh`` / ``dW``)? Its atomic traffic is ``(N / BLOCK_N + V / BLOCK_V) * ...``: at N = 16384,
+H = 4096, V = 151936 with 64 x 128 tiles, about 1.6e11 + 0.8e11 FP32 atomics (~1 TB of L2 traffic) against a
+GEMM floor of ~76 ms on an H100. The sliced scheme moves ``3 N V`` GEMM-dtype elements (dz written, read twice) and
+``2 N H`` FP32 per slice, a few percent of the GEMM time at those shapes. (To be confirmed by measurement on a GPU.)
 
 Precision is a pair of compile-time switches resolved by ``rlcore`` from the user's ``precision`` and the input dtypes:
 ``CAST_FP32`` (load tiles and upcast them to FP32) and ``DOT_PRECISION`` (``tl.dot``'s ``input_precision`` for FP32
@@ -57,7 +65,9 @@ __all__ = [
     "KernelConfig",
     "KernelMode",
     "FWD_CONFIGS",
-    "BWD_CONFIGS",
+    "DZ_CONFIGS",
+    "MATMUL_CONFIGS",
+    "CONFIGS",
     "default_config",
     "linear_logprobs_fwd",
     "linear_logprobs_bwd",
@@ -189,36 +199,39 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
-    dh_ptr, dw_ptr, db_ptr,
-    N, V, H,
+def _dz_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
+    N, V, H, v_start, VC,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    """``dz[N, VC]`` (contiguous) for the vocabulary slice ``[v_start, v_start + VC)``: the gradient of the loss with
+    respect to the raw logits ``h W^T + b`` of those columns, recomputed from the saved ``lse`` (one GEMM)."""
     i_n = tl.program_id(0)
     i_v = tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    o_c = i_v * BLOCK_V + tl.arange(0, BLOCK_V)   # column within the slice
+    o_v = v_start + o_c                           # vocabulary id
     m_n = o_n < N
-    m_v = o_v < V
+    m_c = o_c < VC
+    m_v = m_c & (o_v < V)
 
     b_t = tl.load(t_ptr + o_n, mask=m_n, other=ignore_index).to(tl.int64)
     m_row = m_n & (b_t != ignore_index)  # rows that carry gradient
-    # A block of ignored rows (prompt tokens, padding) contributes nothing: skip its GEMMs altogether.
+    b_dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # A block of ignored rows (prompt tokens, padding) has dz = 0: skip its GEMM.
     if tl.max(m_row.to(tl.int32), 0) > 0:
         b_glp = tl.load(glp_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
         b_lse = tl.load(lse_ptr + o_n, mask=m_row, other=0.0)
-
         b_z = _logits_tile(
             h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
             stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
             HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        b_zr = b_z - b_lse[:, None]                       # log p, -inf on masked columns
+        b_zr = b_z - b_lse[:, None]                        # log p, -inf on masked columns
         b_p = tl.where(m_row[:, None], tl.exp(b_zr), 0.0)  # [BLOCK_N, BLOCK_V]
         b_hit = o_v[None, :].to(tl.int64) == b_t[:, None]
         b_dz = tl.where(b_hit, b_glp[:, None], 0.0) - b_glp[:, None] * b_p
@@ -227,41 +240,56 @@ def _bwd_kernel(
             b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
             b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
         b_dz = b_dz * inv_temp  # d/d(h W^T + b)
+    if UPCAST:
+        b_dz = _round_bf16(b_dz)  # the interpreter's store to bf16 truncates; the GPU's rounds to nearest
+    p_dz = dz_ptr + o_n[:, None].to(tl.int64) * VC + o_c[None, :]
+    tl.store(p_dz, b_dz.to(dz_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
-        if HAS_BIAS:
-            tl.atomic_add(db_ptr + o_v, tl.sum(b_dz, 0), mask=m_v)
-        # With half-precision tiles, dz meets h and W on the tensor cores in their dtype, rounded once (as PyTorch's
-        # bf16 autograd rounds its logit gradients); being formed from exact FP32 logits makes it the more accurate.
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    ACCUMULATE: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``c[M, N] (+)= a[M, K] @ b[K, N]`` with FP32 accumulation, any strides (so ``a`` may be a transposed view),
+    written in ``c``'s dtype. Each program owns one output tile: no atomics, deterministic."""
+    i_pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M consecutive row blocks walk the same column tiles of b while they sit in L2.
+    i_group = i_pid // (GROUP_M * n_n)
+    first_m = i_group * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    i_m = first_m + (i_pid % (GROUP_M * n_n)) % group_m
+    i_n = (i_pid % (GROUP_M * n_n)) // group_m
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    m_m = o_m < M
+    m_n = o_n < N
+    p_a = a_ptr + o_m[:, None].to(tl.int64) * stride_am + o_k[None, :].to(tl.int64) * stride_ak  # [BLOCK_M, BLOCK_K]
+    p_b = b_ptr + o_k[:, None].to(tl.int64) * stride_bk + o_n[None, :].to(tl.int64) * stride_bn  # [BLOCK_K, BLOCK_N]
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = tl.cast(i_k * BLOCK_K, tl.int64)  # 64-bit: a transposed view steps whole rows of dz per K slice
+        m_k = o_k < K - i_k * BLOCK_K
+        b_a = tl.load(p_a + k0 * stride_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_b = tl.load(p_b + k0 * stride_bk, mask=m_k[:, None] & m_n[None, :], other=0.0)
         if CAST_FP32:
-            b_dzc = b_dz
-        elif UPCAST:
-            b_dzc = _round_bf16(b_dz)
-        else:
-            b_dzc = b_dz.to(h_ptr.dtype.element_ty)
-
-        o_h = tl.arange(0, BLOCK_H)
-        p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh  # [BLOCK_N, BLOCK_H]
-        p_w = w_ptr + o_v[:, None].to(tl.int64) * stride_wv + o_h[None, :] * stride_wh  # [BLOCK_V, BLOCK_H]
-        p_dh = dh_ptr + o_n[:, None].to(tl.int64) * H + o_h[None, :]                     # dh: contiguous fp32
-        p_dw = dw_ptr + o_v[:, None].to(tl.int64) * H + o_h[None, :]                     # dW: contiguous fp32
-        for i_h in range(0, tl.cdiv(H, BLOCK_H)):
-            m_h = o_h < H - i_h * BLOCK_H
-            if COMPUTE_DH:
-                b_w = tl.load(p_w, mask=m_v[:, None] & m_h[None, :], other=0.0)
-                if CAST_FP32:
-                    b_w = b_w.to(tl.float32)
-                b_dh = _dot(b_dzc, b_w, None, DOT_PRECISION, UPCAST)                 # [BLOCK_N, BLOCK_H]
-                tl.atomic_add(p_dh, b_dh, mask=m_n[:, None] & m_h[None, :])
-            if COMPUTE_DW:
-                b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0)
-                if CAST_FP32:
-                    b_h = b_h.to(tl.float32)
-                b_dw = _dot(tl.trans(b_dzc), b_h, None, DOT_PRECISION, UPCAST)       # [BLOCK_V, BLOCK_H]
-                tl.atomic_add(p_dw, b_dw, mask=m_v[:, None] & m_h[None, :])
-            p_h += BLOCK_H * stride_hh
-            p_w += BLOCK_H * stride_wh
-            p_dh += BLOCK_H
-            p_dw += BLOCK_H
+            b_a = b_a.to(tl.float32)
+            b_b = b_b.to(tl.float32)
+        b_acc = _dot(b_a, b_b, b_acc, DOT_PRECISION, UPCAST)
+    p_c = c_ptr + o_m[:, None].to(tl.int64) * stride_cm + o_n[None, :].to(tl.int64) * stride_cn
+    m_c = m_m[:, None] & m_n[None, :]
+    if ACCUMULATE:
+        b_acc += tl.load(p_c, mask=m_c, other=0.0).to(tl.float32)
+    if ROUND_BF16:
+        b_acc = _round_bf16(b_acc)  # interpreter only, as in _dz_kernel
+    tl.store(p_c, b_acc.to(c_ptr.dtype.element_ty), mask=m_c)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -309,22 +337,48 @@ FWD_CONFIGS = {
         KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
     ],
 }
-# The backward holds the logit tile, the dz tile and an h / W slice per step; smaller N tiles keep registers in check,
-# and so do thinner H slices than the forward's: 64 spills on sm_80 (half), and 3xTF32 at 32 spills and, at
-# 64x128, overflows an A100's shared memory.
-BWD_CONFIGS = {
+# The dz kernel is the forward's logit GEMM without the vocabulary loop, plus a [BLOCK_N, BLOCK_V] store.
+DZ_CONFIGS = {
     "half": [
-        KernelConfig(64, 128, 32, num_warps=8, num_stages=2),
-        KernelConfig(128, 128, 32, num_warps=8, num_stages=2),
-        KernelConfig(64, 64, 32, num_warps=4, num_stages=2),
+        KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+        KernelConfig(64, 128, 64, num_warps=8, num_stages=4),
     ],
     "fp32": [
-        KernelConfig(64, 128, 16, num_warps=8, num_stages=2),
-        KernelConfig(64, 64, 16, num_warps=8, num_stages=2),
+        KernelConfig(64, 128, 16, num_warps=8, num_stages=3),
+        KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 8
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K, GROUP_M=self.GROUP_M)
+
+
+# The backward's two GEMMs (dW slice = dz^T h, dh += dz W slice): the usual Triton GEMM tiles for Ampere/Hopper.
+# (128x256 and 4-warp 128x128 half tiles, and 4-warp 64x128x32 FP32 tiles, spill: tests/test_gpu_compile.py.)
+MATMUL_CONFIGS = {
+    "half": [
+        MatmulConfig(128, 128, 64, num_warps=8, num_stages=3),
+        MatmulConfig(128, 64, 64, num_warps=4, num_stages=4),
+        MatmulConfig(64, 128, 64, num_warps=4, num_stages=4),
+    ],
+    "fp32": [
+        MatmulConfig(128, 128, 16, num_warps=8, num_stages=3),
+        MatmulConfig(64, 128, 32, num_warps=8, num_stages=3),
     ],
 }
 # The interpreter runs numpy per block: small tiles keep CPU validation fast and exercise the edge masks.
 INTERPRETER_CONFIG = KernelConfig(16, 32, 16, num_warps=1, num_stages=1)
+INTERPRETER_MATMUL_CONFIG = MatmulConfig(16, 32, 16, num_warps=1, num_stages=1, GROUP_M=2)
 
 # Vocabulary spans of the forward are multiples of this, so every shipped BLOCK_V tiles a span exactly.
 _SPAN_QUANTUM = 256
@@ -336,11 +390,14 @@ def _config_key(mode: KernelMode, dtype: torch.dtype) -> str:
     return "fp32" if (mode.cast_fp32 or dtype == torch.float32) else "half"
 
 
-def default_config(kind: str, mode: KernelMode, dtype: torch.dtype) -> KernelConfig:
-    """The launch config for ``kind`` in {"fwd", "bwd"}; ``RLCORE_CONFIG_INDEX`` picks another entry of the list."""
+CONFIGS = {"fwd": FWD_CONFIGS, "dz": DZ_CONFIGS, "matmul": MATMUL_CONFIGS}
+
+
+def default_config(kind: str, mode: KernelMode, dtype: torch.dtype):
+    """The launch config for ``kind`` in ``CONFIGS``; ``RLCORE_CONFIG_INDEX`` picks another entry of the list."""
     if is_interpreter():
-        return INTERPRETER_CONFIG
-    table = FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS
+        return INTERPRETER_MATMUL_CONFIG if kind == "matmul" else INTERPRETER_CONFIG
+    table = CONFIGS[kind]
     configs = table[_config_key(mode, dtype)]
     index = int(os.environ.get("RLCORE_CONFIG_INDEX", "0"))
     return configs[min(index, len(configs) - 1)]
@@ -403,31 +460,74 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, mode: Ke
     return merge_partials(part)
 
 
+def _matmul(a, b, out, mode: KernelMode, accumulate: bool) -> None:
+    """``out (+)= a @ b`` with FP32 accumulation; ``a [M, K]`` and ``b [K, N]`` may be strided views."""
+    M, K = a.shape
+    N = b.shape[1]
+    cfg = default_config("matmul", mode, a.dtype)
+    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+    _matmul_kernel[grid](
+        a, b, out, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        ACCUMULATE=accumulate, CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision,
+        UPCAST=_upcast(mode, a.dtype), ROUND_BF16=is_interpreter() and out.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+    )
+
+
+# The dz buffer of one vocabulary slice holds ~2 N H elements (as much again as dh's FP32 buffer), so the backward's
+# extra memory stays O(N H): each slice then costs one pass over dh (N H FP32 read and written), and at H = 4096,
+# V = 152k that is ~19 slices, a few percent of the GEMM time (see the module doc).
+_DZ_BUFFER_FACTOR = 2
+_SLICE_QUANTUM = 256
+
+
+def _vocab_slice(N: int, V: int, H: int) -> int:
+    """Columns of the vocabulary per backward slice."""
+    if is_interpreter():
+        return 64  # several slices even at test sizes, so the slice bookkeeping is exercised
+    cols = max(_SLICE_QUANTUM, (_DZ_BUFFER_FACTOR * H) // _SLICE_QUANTUM * _SLICE_QUANTUM)
+    return min(cols, triton.cdiv(V, _SLICE_QUANTUM) * _SLICE_QUANTUM)
+
+
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent,
                         inv_temp: float, ignore_index: int, mode: KernelMode,
                         compute_dh: bool = True, compute_dw: bool = True):
-    """Launch the backward. Returns FP32 ``(dh [N, H] | None, dW [V, H] | None, db [V] | None)``; the caller casts.
+    """Launch the backward, one vocabulary slice at a time. Returns ``(dh [N, H] FP32 | None, dW [V, H] in the
+    weight's dtype | None, db [V] FP32 | None)``.
 
-    ``compute_dh`` / ``compute_dw`` False skip that GEMM (a frozen LM head needs no ``dW``).
+    Per slice ``[v0, v0 + C)``: ``_dz_kernel`` writes ``dz [N, C]`` (in the GEMM dtype: the inputs' half dtype, or
+    FP32), then ``dW[v0:v0+C] = dz^T @ h`` (complete over all rows, written once in the weight's dtype, no FP32
+    ``[V, H]`` buffer), ``dh += dz @ W[v0:v0+C]`` into an FP32 buffer and ``db[v0:v0+C] = dz.sum(0)``.
+    No atomics anywhere, so the result is deterministic. ``compute_dh`` / ``compute_dw`` False skip that GEMM.
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = default_config("bwd", mode, hidden.dtype)
+    cfg = default_config("dz", mode, hidden.dtype)
+    dz_dtype = torch.float32 if mode.cast_fp32 else hidden.dtype
+    cols = _vocab_slice(N, V, H)
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    dh = torch.zeros((N, H), **f32) if compute_dh else None
-    dw = torch.zeros((V, H), **f32) if compute_dw else None
-    db = torch.zeros((V,), **f32) if bias is not None else None
-    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
-    dummy = lse  # any fp32 tensor stands in for a pointer the kernel never touches
-    _bwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, lse, ent,
-        grad_logp, grad_ent if grad_ent is not None else grad_logp,
-        dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-        N, V, H,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temp, ignore_index,
-        HAS_BIAS=bias is not None, HAS_GRAD_ENT=grad_ent is not None, COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
-        CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
-    )
+    buf = torch.empty(N * cols, device=hidden.device, dtype=dz_dtype)
+    dh = torch.empty((N, H), **f32) if compute_dh else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if compute_dw else None
+    db = torch.empty((V,), **f32) if bias is not None else None
+    for i, v0 in enumerate(range(0, V, cols)):
+        c = min(cols, V - v0)
+        dz = buf[: N * c].view(N, c)                                                        # [N, c]
+        _dz_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(c, cfg.BLOCK_V))](
+            hidden, weight, bias if bias is not None else hidden, targets, lse, ent,
+            grad_logp, grad_ent if grad_ent is not None else grad_logp, dz,
+            N, V, H, v0, c,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            inv_temp, ignore_index,
+            HAS_BIAS=bias is not None, HAS_GRAD_ENT=grad_ent is not None,
+            CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+        )
+        if db is not None:
+            db[v0:v0 + c] = dz.sum(0, dtype=torch.float32)
+        if dw is not None:
+            _matmul(dz.T, hidden, dw[v0:v0 + c], mode, accumulate=False)                   # [c, H]
+        if dh is not None:
+            _matmul(dz, weight[v0:v0 + c], dh, mode, accumulate=i > 0)                     # [N, H]
     return dh, dw, db

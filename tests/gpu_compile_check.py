@@ -19,8 +19,8 @@ variable before anything imports the kernels (the spawned workers inherit that e
 it from the subprocess environment. Importing this file as a module changes nothing in the environment: the test does
 that to enumerate the combinations for its parametrization.
 
-The combinations are enumerated from ``FWD_CONFIGS`` / ``BWD_CONFIGS`` in ``rlcore.kernels.linear_logprobs``, so a
-config added there is covered automatically.
+The combinations are enumerated from ``CONFIGS`` in ``rlcore.kernels.linear_logprobs`` and from the op's own
+precision mapping (``rlcore.logprobs.launched_modes``), so a config or mode added there is covered automatically.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def launched_modes() -> list[tuple]:
-    """``(kernel, hidden dtype, weight dtype, cast_fp32, dot_precision)`` for every launch rlcore can make, taken
+    """``(pass, hidden dtype, weight dtype, cast_fp32, dot_precision)`` for every launch rlcore can make, taken
     from ``rlcore.logprobs.launched_modes`` (the op's own precision mapping), so a new mode is covered at once.
     UPCAST is a CPU-interpreter workaround and is always False on a GPU."""
     from rlcore.logprobs import launched_modes as modes
@@ -66,35 +66,59 @@ def launched_modes() -> list[tuple]:
             for kind, h, w, m in modes()]
 
 
-# Pointer and scalar types of each kernel argument, as a real launch from linear_logprobs_fwd/_bwd specializes them
-# ("h"/"w" stand for the hidden/weight dtypes). Targets are int64; every buffer the kernels write, and the saved
-# lse/entropy and upstream gradients (the op's outputs are float32), are float32; the bias has the weight's dtype.
-# Arguments absent here are constexprs.
+def kernel_launches(kind: str, h: str, w: str, cast_fp32: bool) -> list[tuple]:
+    """The kernels one pass launches: ``(kernel, role, pointer dtypes, constexprs, unit strides)``.
+
+    The forward is one kernel. The backward is ``_dz_kernel`` (dz in the GEMM dtype: FP32 when tiles are upcast,
+    else the inputs' half dtype) and ``_matmul_kernel`` twice: ``dW[slice] = dz^T @ h`` (a transposed view, written in
+    the weight's dtype) and ``dh += dz @ W[slice]`` (FP32 accumulator).
+    """
+    dz = "fp32" if cast_fp32 else h
+    if kind == "fwd":
+        return [("fwd", "fwd", {"h": h, "w": w}, {}, {"stride_hh", "stride_wh"})]
+    return [
+        ("dz", "dz", {"h": h, "w": w, "dz": dz}, {}, {"stride_hh", "stride_wh"}),
+        ("matmul", "dW", {"a": dz, "b": h, "c": w}, {"ACCUMULATE": False}, {"stride_am", "stride_bn", "stride_cn"}),
+        ("matmul", "dh", {"a": dz, "b": w, "c": "fp32"}, {"ACCUMULATE": True}, {"stride_ak", "stride_bn", "stride_cn"}),
+    ]
+
+
+# Pointer and scalar types of each kernel argument, as a real launch specializes them ("*h", "*w", ... stand for the
+# dtypes of the launch). Targets are int64; the saved lse / entropy and the upstream gradients (the op's outputs) are
+# float32; the bias has the weight's dtype. Arguments absent here are constexprs.
 _ARG_TYPES = {
     "fwd": {
         "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32",
         "N": "i32", "V": "i32", "H": "i32", "SPAN": "i32",
-        "stride_hn": "i32", "stride_wv": "i32", "inv_temp": "fp32",
+        "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32", "inv_temp": "fp32",
     },
-    "bwd": {
+    "dz": {
         "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
-        "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-        "N": "i32", "V": "i32", "H": "i32",
-        "stride_hn": "i32", "stride_wv": "i32", "inv_temp": "fp32", "ignore_index": "i32",
+        "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": "*dz",
+        "N": "i32", "V": "i32", "H": "i32", "v_start": "i32", "VC": "i32",
+        "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32",
+        "inv_temp": "fp32", "ignore_index": "i32",
+    },
+    "matmul": {
+        "a_ptr": "*a", "b_ptr": "*b", "c_ptr": "*c", "M": "i32", "N": "i32", "K": "i32",
+        "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+        "stride_cm": "i32", "stride_cn": "i32",
     },
 }
 # Triton specializes launch arguments: an int equal to 1 becomes a constexpr, and pointers / ints divisible by 16 get
 # a `tt.divisibility = 16` attribute that enables vectorized loads. We compile the common case: contiguous rows
-# (unit inner strides), 16-byte aligned tensors, H (hence the row strides) a multiple of 16, SPAN a multiple of 256
-# by construction; N and V arbitrary.
-_UNIT_STRIDES = {"stride_hh": 1, "stride_wh": 1}
-_DIVISIBLE_INTS = {"H", "SPAN", "stride_hn", "stride_wv"}
+# (unit inner strides, per launch above), 16-byte aligned tensors, H (hence the row strides), SPAN and the slice
+# width VC multiples of 16 by construction; N, V, M, K arbitrary.
+_DIVISIBLE_INTS = {"H", "SPAN", "VC", "stride_hn", "stride_wv", "stride_am", "stride_ak", "stride_bk", "stride_cm"}
 
 # The pointers whose offsets must be 64-bit, and the argument their row index is multiplied by (see int64_row_offsets).
 _INT64_CHECKS = {
     "fwd": {"h": ("h_ptr", "stride_hn"), "w": ("w_ptr", "stride_wv")},
-    "bwd": {"h": ("h_ptr", "stride_hn"), "w": ("w_ptr", "stride_wv"), "dh": ("dh_ptr", "H"), "dw": ("dw_ptr", "H")},
+    "dz": {"h": ("h_ptr", "stride_hn"), "w": ("w_ptr", "stride_wv"), "dz": ("dz_ptr", "VC")},
+    "matmul:dW": {"a": ("a_ptr", "stride_ak"), "b": ("b_ptr", "stride_bk"), "c": ("c_ptr", "stride_cm")},
+    "matmul:dh": {"a": ("a_ptr", "stride_am"), "b": ("b_ptr", "stride_bk"), "c": ("c_ptr", "stride_cm")},
 }
+_KERNEL_FN = {"fwd": "_fwd_kernel", "dz": "_dz_kernel", "matmul": "_matmul_kernel"}
 
 
 def _kernels_module():
@@ -104,40 +128,47 @@ def _kernels_module():
 
 
 def job_id(job: dict) -> str:
-    """A readable pytest id, e.g. ``bwd-fp32[0]-64x128x32-w8s2-bf16+fp32-tf32x3-sm80``."""
+    """A readable pytest id, e.g. ``matmul:dW-half[0]-128x128x64-w8s3-bf16+bf16-native-sm80``."""
     c = job["config"]
     mode = job["mode"]["dot_precision"] if job["mode"]["cast_fp32"] else "native"
-    return (f"{job['kernel']}-{job['table']}[{job['index']}]-{c['BLOCK_N']}x{c['BLOCK_V']}x{c['BLOCK_H']}"
-            f"-w{c['num_warps']}s{c['num_stages']}-{job['dtypes']['hidden']}+{job['dtypes']['weight']}-{mode}"
-            f"-sm{job['arch']}")
+    name = job["kernel"] if job["role"] == job["kernel"] else f"{job['kernel']}:{job['role']}"
+    blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK_"))
+    return (f"{name}-{job['table']}[{job['index']}]-{blocks}-w{c['num_warps']}s{c['num_stages']}"
+            f"-{job['inputs'][0]}+{job['inputs'][1]}-{mode}-sm{job['arch']}")
 
 
 def enumerate_jobs(archs=ARCHS) -> list[dict]:
-    """Every (kernel, config table, config, dtypes, mode, arch) combination, as JSON-able dicts with an ``id``.
+    """Every (kernel, role, config table, config, dtypes, mode, arch) combination, as JSON-able dicts with an ``id``.
 
     Importing the kernels module is all this needs (it works under the interpreter too), so the test can build its
     parametrization at collection time.
     """
+    import dataclasses
+
     import torch
 
     module = _kernels_module()
-    jobs = []
-    tables = {"fwd": module.FWD_CONFIGS, "bwd": module.BWD_CONFIGS}
-    for kernel, h_dtype, w_dtype, cast_fp32, dot_precision in launched_modes():
+    jobs, seen = [], set()
+    for kind, h_dtype, w_dtype, cast_fp32, dot_precision in launched_modes():
         mode = module.KernelMode(cast_fp32, dot_precision)
-        key = module._config_key(mode, getattr(torch, _TORCH_DTYPES[h_dtype]))
-        for index, cfg in enumerate(tables[kernel][key]):
-            for arch in archs:
-                job = dict(
-                    kernel=kernel, table=key, index=index,
-                    config=dict(BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
-                                num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                    dtypes=dict(hidden=h_dtype, weight=w_dtype),
-                    mode=dict(cast_fp32=cast_fp32, dot_precision=dot_precision),
-                    arch=arch,
-                )
-                job["id"] = job_id(job)
-                jobs.append(job)
+        for kernel, role, dtypes, constexprs, unit_strides in kernel_launches(kind, h_dtype, w_dtype, cast_fp32):
+            operand = dtypes.get("a", h_dtype)  # the dtype the config table is chosen by, as the host does
+            key = module._config_key(mode, getattr(torch, _TORCH_DTYPES[operand]))
+            for index, cfg in enumerate(module.CONFIGS[kernel][key]):
+                for arch in archs:
+                    job = dict(
+                        kernel=kernel, role=role, table=key, index=index, config=dataclasses.asdict(cfg),
+                        inputs=(h_dtype, w_dtype), dtypes=dtypes, constexprs=constexprs,
+                        unit_strides=sorted(unit_strides),
+                        mode=dict(cast_fp32=cast_fp32, dot_precision=dot_precision), arch=arch,
+                    )
+                    # one job per distinct binary: e.g. bf16 and fp16 activations under an FP32 head reach the same
+                    # dh GEMM (FP32 dz times an FP32 head), and fp32 "default" / "fp32" launch the same kernels
+                    binary = json.dumps({k: v for k, v in job.items() if k != "inputs"}, sort_keys=True)
+                    if binary not in seen:
+                        seen.add(binary)
+                        job["id"] = job_id(job)
+                        jobs.append(job)
     return jobs
 
 
@@ -231,15 +262,16 @@ def compile_job(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     module = _kernels_module()
-    fn = module._fwd_kernel if job["kernel"] == "fwd" else module._bwd_kernel
-    dtype = {"h": job["dtypes"]["hidden"], "w": job["dtypes"]["weight"]}
+    fn = getattr(module, _KERNEL_FN[job["kernel"]])
+    dtype = job["dtypes"]
     arg_types = _ARG_TYPES[job["kernel"]]
 
+    blocks = {k: v for k, v in job["config"].items() if k not in ("num_warps", "num_stages")}
     constexprs = dict(
-        _UNIT_STRIDES,
-        HAS_BIAS=True, HAS_GRAD_ENT=True, COMPUTE_DH=True, COMPUTE_DW=True,  # the superset of code paths
+        {name: 1 for name in job["unit_strides"]},
+        HAS_BIAS=True, HAS_GRAD_ENT=True,  # the superset of code paths
         CAST_FP32=job["mode"]["cast_fp32"], DOT_PRECISION=job["mode"]["dot_precision"], UPCAST=False,
-        BLOCK_N=job["config"]["BLOCK_N"], BLOCK_V=job["config"]["BLOCK_V"], BLOCK_H=job["config"]["BLOCK_H"],
+        ROUND_BF16=False, **job["constexprs"], **blocks,
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -248,8 +280,8 @@ def compile_job(job: dict) -> dict:
             signature[name] = "constexpr"
             continue
         ty = arg_types[name]  # a KeyError here means the kernel's signature changed: update _ARG_TYPES
-        if ty in ("*h", "*w"):
-            ty = "*" + dtype[ty[1]]
+        if ty[1:] in dtype:
+            ty = "*" + dtype[ty[1:]]
         signature[name] = ty
         if ty.startswith("*") or name in _DIVISIBLE_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -281,7 +313,9 @@ def compile_job(job: dict) -> dict:
     record["ptx_wgmma"] = bool(re.search(r"\bwgmma\.mma_async", ptx))  # Hopper warp-group MMA
     record["ptx_mma_sync"] = bool(re.search(r"\bmma\.sync\.aligned", ptx))  # Ampere-style warp MMA
     record["int64_offsets"] = {
-        name: int64_row_offsets(ttir, ptr, stride) for name, (ptr, stride) in _INT64_CHECKS[job["kernel"]].items()
+        name: int64_row_offsets(ttir, ptr, stride)
+        for name, (ptr, stride) in _INT64_CHECKS[job["kernel"] if job["kernel"] == job["role"] else
+                                                 f"{job['kernel']}:{job['role']}"].items()
     }
     record["n_regs"], record["n_spills"] = _ptxas_resources(log.getvalue(), metadata)
     return record
@@ -296,8 +330,8 @@ def run(jobs: list[dict], workers: int = 2) -> list[dict]:
         # spawn: fresh interpreters, no state forked from a parent that imported torch/triton
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
-            # bwd builds are the slowest: start them first so the two workers finish together
-            order = sorted(range(len(jobs)), key=lambda i: jobs[i]["kernel"] != "bwd")
+            # backward builds are the slowest: start them first so the two workers finish together
+            order = sorted(range(len(jobs)), key=lambda i: jobs[i]["kernel"] == "fwd")
             results = dict(zip(order, pool.map(compile_job, [jobs[i] for i in order])))
         return [results[i] for i in range(len(jobs))]
     finally:

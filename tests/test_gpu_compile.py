@@ -9,7 +9,7 @@ tensor cores. ``tests/gpu_compile_check.py`` compiles each ``(kernel, config, dt
 
 The compiles run in a subprocess because this pytest session sets ``TRITON_INTERPRET=1`` (no CUDA), under which
 ``@triton.jit`` yields interpreter objects that cannot be compiled. The combinations are enumerated from
-``FWD_CONFIGS`` / ``BWD_CONFIGS``, so a newly added config is covered with no change here.
+``CONFIGS`` and the op's launched modes, so a newly added config or mode is covered with no change here.
 """
 
 from __future__ import annotations
