@@ -475,10 +475,12 @@ def _matmul(a, b, out, mode: KernelMode, accumulate: bool) -> None:
     )
 
 
-# The dz buffer of one vocabulary slice holds ~2 N H elements (as much again as dh's FP32 buffer), so the backward's
-# extra memory stays O(N H): each slice then costs one pass over dh (N H FP32 read and written), and at H = 4096,
-# V = 152k that is ~19 slices, a few percent of the GEMM time (see the module doc).
+# The dz buffer of one vocabulary slice holds max(2 N H, 2^24) elements: as much again as dh's FP32 buffer, so the
+# backward's extra memory stays O(N H), but never so few that a small batch walks the vocabulary in many tiny slices
+# (each slice is three launches). Each slice costs one pass over dh (N H FP32 read and written); at N = 16384,
+# H = 4096, V = 152k that is ~19 slices, a few percent of the GEMM time (see the module doc).
 _DZ_BUFFER_FACTOR = 2
+_DZ_BUFFER_MIN_ELEMENTS = 2**24
 _SLICE_QUANTUM = 256
 
 
@@ -486,7 +488,8 @@ def _vocab_slice(N: int, V: int, H: int) -> int:
     """Columns of the vocabulary per backward slice."""
     if is_interpreter():
         return 64  # several slices even at test sizes, so the slice bookkeeping is exercised
-    cols = max(_SLICE_QUANTUM, (_DZ_BUFFER_FACTOR * H) // _SLICE_QUANTUM * _SLICE_QUANTUM)
+    cols = max(_DZ_BUFFER_FACTOR * H, _DZ_BUFFER_MIN_ELEMENTS // max(N, 1))
+    cols = max(_SLICE_QUANTUM, cols // _SLICE_QUANTUM * _SLICE_QUANTUM)
     return min(cols, triton.cdiv(V, _SLICE_QUANTUM) * _SLICE_QUANTUM)
 
 

@@ -172,6 +172,7 @@ def _linear_logprobs_backward_op(
                 grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, 1.0 / temperature,
                 ignore_index, compute_dh, compute_dw,
             )
+
     def empty():  # a distinct [0] tensor per skipped output: custom-op outputs may not alias
         return hidden.new_empty((0,))
 
