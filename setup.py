@@ -26,7 +26,8 @@ setup(
     python_requires=">=3.10",
     # On a CPU-only machine install torch first (`pip install torch==2.13.0`): a bare `torch` requirement with no
     # torch installed would pull the CUDA build. With a torch installed, this range installs nothing more.
-    install_requires=["torch>=2.4", "triton>=3.2"],
+    # numpy: Triton's CPU interpreter (validation without a GPU) needs it, and the CPU torch wheel does not bring it.
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={
         "hf": ["transformers>=4.45"],
         "vllm": ["vllm"],

@@ -76,9 +76,14 @@ __all__ = [
 ]
 
 
+# Triton decides between compiling and interpreting when it decorates the kernels below, i.e. at this import.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def is_interpreter() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when these kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was first
+    imported; changing the variable later changes nothing)."""
+    return _INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -159,7 +164,7 @@ def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
     N, V, H, SPAN,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temp,
+    inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -168,7 +173,7 @@ def _fwd_kernel(
     i_s = tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    b_t = tl.load(t_ptr + o_n, mask=m_n, other=-1).to(tl.int64)  # [BLOCK_N]
+    b_t = tl.load(t_ptr + o_n, mask=m_n, other=ignore_index).to(tl.int64)  # [BLOCK_N]
 
     b_m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     b_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -177,17 +182,20 @@ def _fwd_kernel(
 
     v_start = i_s * SPAN
     v_end = tl.minimum(v_start + SPAN, V)
-    for v0 in range(v_start, v_end, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < v_end
-        b_z = _logits_tile(
-            h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
-            stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
-            HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
-        )
-        b_zt += tl.sum(tl.where(o_v[None, :].to(tl.int64) == b_t[:, None], b_z, 0.0), 1)
-        # The entropy numerator costs one FMA per logit next to an H-long dot product: always kept, no variant.
-        b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
+    # A block whose targets are all ignored (prompt tokens, padding) has outputs 0: skip its GEMMs. Its partials stay
+    # (-inf, 0, 0, 0); the host masks those rows.
+    if tl.max((m_n & (b_t != ignore_index)).to(tl.int32), 0) > 0:
+        for v0 in range(v_start, v_end, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            m_v = o_v < v_end
+            b_z = _logits_tile(
+                h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
+                stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+                HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
+            )
+            b_zt += tl.sum(tl.where(o_v[None, :].to(tl.int64) == b_t[:, None], b_z, 0.0), 1)
+            # The entropy numerator costs one FMA per logit next to an H-long dot product: always kept.
+            b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
 
     # part: [4, SPLITS, N] fp32, contiguous
     n_splits = tl.num_programs(1)
@@ -436,11 +444,13 @@ def merge_partials(part: torch.Tensor):
     return ref + log_s, log_s - big_a / big_s, zt.sum(0)
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, mode: KernelMode):
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_index: int, mode: KernelMode):
     """Launch the forward. ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated).
 
     Returns ``(lse, ent, z_target)`` as float32 ``[N]`` tensors.
     """
+    targets = targets.contiguous()                      # the kernels index targets and bias with unit stride
+    bias = bias.contiguous() if bias is not None else None
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = default_config("fwd", mode, hidden.dtype)
@@ -452,7 +462,7 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, mode: Ke
         hidden, weight, bias if bias is not None else hidden, targets, part,
         N, V, H, span,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temp,
+        inv_temp, ignore_index,
         HAS_BIAS=bias is not None,
         CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
@@ -495,15 +505,17 @@ def _vocab_slice(N: int, V: int, H: int) -> int:
 
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent,
                         inv_temp: float, ignore_index: int, mode: KernelMode,
-                        compute_dh: bool = True, compute_dw: bool = True):
+                        compute_dh: bool = True, compute_dw: bool = True, compute_db: bool = True):
     """Launch the backward, one vocabulary slice at a time. Returns ``(dh [N, H] FP32 | None, dW [V, H] in the
     weight's dtype | None, db [V] FP32 | None)``.
 
     Per slice ``[v0, v0 + C)``: ``_dz_kernel`` writes ``dz [N, C]`` (in the GEMM dtype: the inputs' half dtype, or
     FP32), then ``dW[v0:v0+C] = dz^T @ h`` (complete over all rows, written once in the weight's dtype, no FP32
     ``[V, H]`` buffer), ``dh += dz @ W[v0:v0+C]`` into an FP32 buffer and ``db[v0:v0+C] = dz.sum(0)``.
-    No atomics anywhere, so the result is deterministic. ``compute_dh`` / ``compute_dw`` False skip that GEMM.
+    No atomics anywhere, so the result is deterministic. ``compute_*`` False skip that gradient.
     """
+    targets = targets.contiguous()                      # the kernels index targets and bias with unit stride
+    bias = bias.contiguous() if bias is not None else None
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = default_config("dz", mode, hidden.dtype)
@@ -513,7 +525,7 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
     buf = torch.empty(N * cols, device=hidden.device, dtype=dz_dtype)
     dh = torch.empty((N, H), **f32) if compute_dh else None
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if compute_dw else None
-    db = torch.empty((V,), **f32) if bias is not None else None
+    db = torch.empty((V,), **f32) if bias is not None and compute_db else None
     for i, v0 in enumerate(range(0, V, cols)):
         c = min(cols, V - v0)
         dz = buf[: N * c].view(N, c)                                                        # [N, c]

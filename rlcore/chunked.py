@@ -68,9 +68,10 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float):
 
 
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp: float,
-                        ignore_index: int, compute_dh: bool = True, compute_dw: bool = True):
+                        ignore_index: int, compute_dh: bool = True, compute_dw: bool = True,
+                        compute_db: bool = True):
     """Gradients ``(dh [N, H] | None, dW [V, H] | None, db [V] | None)`` in the compute dtype; recomputes the
-    logits per chunk. ``compute_dh`` / ``compute_dw`` False skip that GEMM."""
+    logits per chunk. ``compute_*`` False skip that gradient."""
     N, V = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype, weight.dtype)
     w, b = weight.to(cdt), _cast(bias, cdt)
@@ -80,7 +81,7 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
     safe_t = targets.long().clamp(0, V - 1)
     dh = torch.empty((N, hidden.shape[1]), dtype=cdt, device=hidden.device) if compute_dh else None
     dw = torch.zeros((V, hidden.shape[1]), dtype=cdt, device=hidden.device) if compute_dw else None
-    db = torch.zeros(V, dtype=cdt, device=hidden.device) if bias is not None else None
+    db = torch.zeros(V, dtype=cdt, device=hidden.device) if bias is not None and compute_db else None
     step = _rows_per_chunk(V)
     for s in range(0, N, step):
         sl = slice(s, s + step)

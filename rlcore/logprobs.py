@@ -22,6 +22,7 @@ __all__ = ["linear_logprobs", "PRECISIONS", "BACKENDS"]
 PRECISIONS = ("default", "tf32", "fp32")
 BACKENDS = ("auto", "triton", "torch")
 _HALF = (torch.bfloat16, torch.float16)
+_FP32_MAX = torch.finfo(torch.float32).max
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 _kernels_module = None
@@ -108,31 +109,37 @@ def _linear_logprobs_op(
     ignore_index: int,
     precision: str,
     backend: str,
+    check_targets: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``hidden [N, H]``, ``weight [V, H]``, ``targets [N]`` -> ``(logp [N], entropy [N], lse [N])``."""
+    """``hidden [N, H]``, ``weight [V, H]``, ``targets [N]`` -> ``(logp [N], entropy [N], stats [2, N])``.
+
+    ``stats`` holds ``(lse, raw entropy)`` for the backward: an output of its own, not differentiable, so that the
+    caller may edit ``logp`` and ``entropy`` in place.
+    """
     N, V = hidden.shape[0], weight.shape[0]
     dtype = _out_dtype(hidden.dtype, weight.dtype)
     if N == 0:
-        empty = hidden.new_empty((0,), dtype=dtype)
-        return empty, empty.clone(), empty.clone()
-    _check_target_range(targets, V, ignore_index)
+        return hidden.new_empty((0,), dtype=dtype), hidden.new_empty((0,), dtype=dtype), hidden.new_empty(
+            (2, 0), dtype=dtype)
+    if check_targets:
+        _check_target_range(targets, V, ignore_index)
     if backend == "triton":
         mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "fwd")
-        lse, ent, zt = _kernels().linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature, mode)
+        lse, ent, zt = _kernels().linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature, ignore_index,
+                                                      mode)
     else:
         lse, ent, zt = chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature)
     valid = targets != ignore_index
     logp = torch.where(valid, zt - lse, 0.0)
-    ent = torch.where(valid, ent, 0.0)
-    return logp, ent, lse
+    return logp, torch.where(valid, ent, 0.0), torch.stack([lse, ent])
 
 
 @_linear_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, precision, backend):
+def _(hidden, weight, bias, targets, temperature, ignore_index, precision, backend, check_targets):
     dtype = _out_dtype(hidden.dtype, weight.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype),
-            hidden.new_empty((n,), dtype=dtype))
+            hidden.new_empty((2, n), dtype=dtype))
 
 
 @torch.library.custom_op("rlcore::linear_logprobs_backward", mutates_args=())
@@ -143,21 +150,23 @@ def _linear_logprobs_backward_op(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
+    stats: torch.Tensor,
     temperature: float,
     ignore_index: int,
     precision: str,
     backend: str,
     compute_dh: bool,
     compute_dw: bool,
+    compute_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dh [N, H], dW [V, H], db)`` in the dtypes of ``hidden``, ``weight``, ``bias``. A gradient not
-    asked for (``compute_dh`` / ``compute_dw`` False, or no bias) is an empty ``[0]`` tensor and costs nothing."""
+    """Returns ``(dh [N, H], dW [V, H], db [V])``, contiguous, in the dtypes of ``hidden``, ``weight``, ``bias``.
+    A gradient not asked for (``compute_*`` False, or no bias) is an empty ``[0]`` tensor and costs nothing."""
     N, H = hidden.shape
+    lse, entropy = stats.unbind(0)
+    compute_db = compute_db and bias is not None
     if N == 0:
-        dh, dw = hidden.new_zeros((0, H)), torch.zeros_like(weight)
-        db = torch.zeros_like(bias) if bias is not None else None
+        dh, dw = hidden.new_zeros((0, H)), weight.new_zeros(weight.shape)
+        db = bias.new_zeros(bias.shape) if compute_db else None
     else:
         grad_logp = grad_logp.contiguous()
         grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
@@ -165,47 +174,49 @@ def _linear_logprobs_backward_op(
             mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "bwd")
             dh, dw, db = _kernels().linear_logprobs_bwd(
                 grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                1.0 / temperature, ignore_index, mode, compute_dh, compute_dw,
+                1.0 / temperature, ignore_index, mode, compute_dh, compute_dw, compute_db,
             )
         else:
             dh, dw, db = chunked.linear_logprobs_bwd(
                 grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, 1.0 / temperature,
-                ignore_index, compute_dh, compute_dw,
+                ignore_index, compute_dh, compute_dw, compute_db,
             )
 
     def empty():  # a distinct [0] tensor per skipped output: custom-op outputs may not alias
         return hidden.new_empty((0,))
 
     return (dh.to(hidden.dtype) if compute_dh else empty(), dw.to(weight.dtype) if compute_dw else empty(),
-            db.to(bias.dtype) if bias is not None else empty())
+            db.to(bias.dtype) if compute_db else empty())
 
 
 @_linear_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index, precision,
-      backend, compute_dh, compute_dw):
-    return (torch.empty_like(hidden) if compute_dh else hidden.new_empty((0,)),
-            torch.empty_like(weight) if compute_dw else hidden.new_empty((0,)),
-            torch.empty_like(bias) if bias is not None else hidden.new_empty((0,)))
+def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature, ignore_index, precision,
+      backend, compute_dh, compute_dw, compute_db):
+    # new_empty(shape), not empty_like: the real op returns contiguous gradients whatever the inputs' strides.
+    return (hidden.new_empty(hidden.shape) if compute_dh else hidden.new_empty((0,)),
+            weight.new_empty(weight.shape) if compute_dw else hidden.new_empty((0,)),
+            bias.new_empty(bias.shape) if compute_db and bias is not None else hidden.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, precision, backend = inputs
-    _, ent, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    hidden, weight, bias, targets, temperature, ignore_index, precision, backend, _ = inputs
+    stats = output[2]
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(hidden, weight, bias, targets, stats)
     ctx.args = (temperature, ignore_index, precision, backend)
     ctx.set_materialize_grads(False)  # an unused entropy output gives None, and the kernel skips its term
 
 
-def _backward(ctx, grad_logp, grad_ent, _grad_lse):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_ent, _grad_stats):
+    hidden, weight, bias, targets, stats = ctx.saved_tensors
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_ent is None) or not (need_dh or need_dw or need_db):
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
-    dh, dw, db = _linear_logprobs_backward_op(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, *ctx.args,
-                                              need_dh, need_dw)
-    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None, None
+        grad_logp = torch.zeros_like(stats[0])
+    dh, dw, db = _linear_logprobs_backward_op(grad_logp, grad_ent, hidden, weight, bias, targets, stats, *ctx.args,
+                                              need_dh, need_dw, need_db)
+    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None), *(None,) * 6
 
 
 torch.library.register_autograd("rlcore::linear_logprobs", _backward, setup_context=_setup_context)
@@ -231,7 +242,7 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
         if x is not None and x.dtype not in _FLOATS:
             raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {x.dtype}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor (int64 or int32), got {targets.dtype}")
+        raise TypeError(f"targets must be an integer tensor (e.g. int64 or int32), got {targets.dtype}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., H], got a 0-d tensor")
     if weight.dim() != 2:
@@ -253,8 +264,8 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; inputs must share a device")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0 and 1.0 / temperature < _FP32_MAX):
+        raise ValueError(f"temperature must be finite and > 0 (and 1/temperature finite in float32), got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     fp64 = torch.float64 in (hidden.dtype, weight.dtype)
@@ -293,6 +304,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     precision: str = "default",
     backend: str = "auto",
+    check_targets: bool = True,
 ):
     """Log-probability of each target token, and optionally the entropy, without materialising the logits.
 
@@ -307,8 +319,8 @@ def linear_logprobs(
     Args:
         hidden: ``[..., H]`` final hidden states (bf16, fp16, fp32; float64 on the torch backend).
         weight: ``[V, H]`` LM-head weight.
-        targets: ``[...]`` int64/int32 token ids in ``[0, V)``, or ``ignore_index``.
-        bias: optional ``[V]``; ``-inf`` entries mask vocabulary out.
+        targets: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]``; ``-inf`` entries mask vocabulary out (at least one entry must stay finite).
         temperature: logits are divided by it (sampling temperature of the rollout engine).
         ignore_index: positions with this target give log-prob 0, entropy 0 and no gradient.
         return_entropy: also return the entropy of each position's distribution.
@@ -317,6 +329,9 @@ def linear_logprobs(
             and ``weight`` may then differ in dtype, e.g. bf16 activations with an FP32 head: the MiniMax-M1 fix);
             ``"tf32"`` rounds FP32 operands to TF32 (one tensor-core pass).
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        check_targets: raise ``ValueError`` on an id outside ``[0, V)`` that is not ``ignore_index``. This is the
+            op's one host sync; ``False`` skips it (e.g. under CUDA graphs). Unchecked bad ids never read out of
+            bounds (the kernels compare ids, they do not index with them) but give meaningless log-probs.
 
     Returns:
         ``logp [...]`` float32 (float64 for float64 inputs), or ``(logp, entropy)`` with ``return_entropy=True``.
@@ -330,9 +345,10 @@ def linear_logprobs(
         (torch.Size([4, 7]), torch.Size([4, 7]))
     """
     backend = _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
-    h2 = hidden.reshape(-1, hidden.shape[-1])        # [N, H]
-    t1 = targets.reshape(-1)                         # [N]
-    logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, float(temperature), int(ignore_index), precision, backend)
+    h2 = hidden.reshape(targets.numel(), hidden.shape[-1])   # [N, H]
+    t1 = targets.reshape(-1)                                 # [N]
+    logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, float(temperature), int(ignore_index), precision, backend,
+                                       bool(check_targets))
     logp = logp.view(targets.shape)
     if return_entropy:
         return logp, ent.view(targets.shape)

@@ -14,6 +14,11 @@ if not HAS_CUDA:
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+
+def pytest_configure(config):
+    # The interpreter evaluates both sides of tl.where in numpy; the discarded side may overflow or be 0 * inf.
+    config.addinivalue_line("filterwarnings", r"ignore::RuntimeWarning:triton\..*")
+
 # The interpreter runs each Triton program in numpy: examples are kept few and small, and never timed.
 settings.register_profile(
     "rlcore", deadline=None, max_examples=int(os.environ.get("RLCORE_HYPOTHESIS_EXAMPLES", "20")),

@@ -91,6 +91,7 @@ _ARG_TYPES = {
         "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32",
         "N": "i32", "V": "i32", "H": "i32", "SPAN": "i32",
         "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32", "inv_temp": "fp32",
+        "ignore_index": "i32",
     },
     "dz": {
         "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",

@@ -119,3 +119,65 @@ def test_case_dataclass_roundtrip():
     """Guard for the helpers: Case.leaves lists hidden, weight and bias in that order."""
     case = make_case(2, 4, 5, bias=True)
     assert isinstance(case, Case) and [x.shape for x in case.leaves] == [(2, 4), (5, 4), (5,)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_expanded_targets_and_bias(backend):
+    """Targets and bias that are views (every other column of a batch, a stride-0 expansion) give the same numbers
+    as their contiguous copies: the kernels index them with unit stride, so the op makes them contiguous first."""
+    case = make_case(12, 16, 300, torch.float32, bias=True, ignore_frac=0.2, seed=11)
+    wide = torch.stack([case.targets, torch.zeros_like(case.targets)], 1)       # [N, 2]
+    strided_t = wide[:, 0]                                                        # stride 2
+    strided_b = torch.stack([case.bias.detach(), torch.zeros_like(case.bias)], 1)[:, 0].requires_grad_()
+    assert strided_t.stride() == (2,) and strided_b.stride() == (2,)
+    ref = run_rlcore(case, backend="torch")
+    view_case = Case(case.hidden, case.weight, strided_t, strided_b, case.g_logp, case.g_ent)
+    out = run_rlcore(view_case, backend=backend)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)
+
+    bias0 = torch.full((1,), 0.3, device=DEVICE).expand(300)                    # stride 0
+    t0 = torch.full((1,), 7, device=DEVICE).expand(12)
+    a = rlcore.linear_logprobs(case.hidden, case.weight, t0, bias=bias0, backend=backend)
+    b = rlcore.linear_logprobs(case.hidden, case.weight, t0.contiguous(), bias=bias0.contiguous(), backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_may_be_edited_in_place(backend):
+    """A loss that masks the returned entropy (or log-probs) in place still backpropagates correctly."""
+    case = make_case(10, 16, 50, torch.float32, seed=12)
+    mask = (torch.arange(10, device=DEVICE) % 2).float()
+    logp, ent = rlcore.linear_logprobs(case.hidden, case.weight, case.targets, return_entropy=True, backend=backend)
+    ent.mul_(mask)
+    logp.mul_(mask)
+    (logp.sum() + ent.sum()).backward()
+    h_grad = case.hidden.grad.clone()
+    case.hidden.grad = None
+    logp, ent = rlcore.linear_logprobs(case.hidden, case.weight, case.targets, return_entropy=True, backend=backend)
+    ((logp * mask).sum() + (ent * mask).sum()).backward()
+    torch.testing.assert_close(h_grad, case.hidden.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_hidden_size(backend):
+    """H = 0: every logit is the bias, so log-probs are log_softmax(bias) (uniform without one)."""
+    V = 6
+    hidden = torch.zeros(4, 0, device=DEVICE)
+    weight = torch.zeros(V, 0, device=DEVICE)
+    targets = torch.tensor([0, 1, 2, 5], device=DEVICE)
+    logp = rlcore.linear_logprobs(hidden, weight, targets, backend=backend)
+    torch.testing.assert_close(logp, torch.full((4,), -torch.log(torch.tensor(float(V))).item(), device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_targets_off_skips_the_check_without_reading_out_of_bounds(backend):
+    """check_targets=False (no host sync) on valid ids gives the same numbers; on a bad id it does not crash."""
+    case = make_case(8, 16, 40, torch.float32, seed=13)
+    a = rlcore.linear_logprobs(case.hidden, case.weight, case.targets, backend=backend, check_targets=False)
+    b = rlcore.linear_logprobs(case.hidden, case.weight, case.targets, backend=backend)
+    torch.testing.assert_close(a, b)
+    bad = case.targets.clone()
+    bad[0] = 10_000
+    out = rlcore.linear_logprobs(case.hidden, case.weight, bad, backend=backend, check_targets=False)
+    torch.testing.assert_close(out[1:], b[1:])

@@ -40,6 +40,7 @@ BAD = {
     "backend-unknown": (dict(backend="cuda"), ValueError, "backend"),
     "temperature-zero": (dict(temperature=0.0), ValueError, "temperature"),
     "temperature-nan": (dict(temperature=float("nan")), ValueError, "temperature"),
+    "temperature-tiny": (dict(temperature=1e-39), ValueError, "temperature"),
     "temperature-tensor": (dict(temperature=torch.tensor(0.7)), TypeError, "temperature"),
     "ignore-index-float": (dict(ignore_index=-100.0), TypeError, "ignore_index"),
     "mixed-dtype-default-precision": (dict(hidden=torch.randn(N, H).bfloat16()), TypeError, "precision='fp32'"),

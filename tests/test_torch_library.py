@@ -16,8 +16,26 @@ BACKENDS = ["torch", "triton"]
 def test_opcheck(backend, bias):
     """Schema, fake (meta) implementation, autograd registration and dispatch, checked by PyTorch's own tool."""
     case = make_case(9, 16, 40, torch.float32, bias=bias, ignore_frac=0.2, seed=1)
-    args = (case.hidden, case.weight, case.bias, case.targets.view(-1), 0.8, -100, "default", backend)
+    args = (case.hidden, case.weight, case.bias, case.targets.view(-1), 0.8, -100, "default", backend, True)
     torch.library.opcheck(_linear_logprobs_op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck_backward(backend, layout):
+    """The backward op on its own, including transposed hidden / weight: its fake must report the contiguous
+    gradients the real op returns (a mismatch crashes inductor on a head stored as [H, V] and passed as .T)."""
+    from rlcore.logprobs import _linear_logprobs_backward_op
+
+    case = make_case(9, 16, 40, torch.float32, bias=True, ignore_frac=0.2, seed=1)
+    h, w = case.hidden.detach(), case.weight.detach()
+    if layout == "transposed":
+        h, w = h.T.contiguous().T, w.T.contiguous().T
+    t = case.targets.view(-1)
+    _, _, stats = _linear_logprobs_op(h, w, case.bias.detach(), t, 0.8, -100, "default", backend, True)
+    args = (case.g_logp.view(-1), case.g_ent.view(-1), h, w, case.bias.detach(), t, stats, 0.8, -100, "default",
+            backend, True, True, True)
+    torch.library.opcheck(_linear_logprobs_backward_op, args)
 
 
 def _loss(h, w, b, t):
@@ -26,21 +44,48 @@ def _loss(h, w, b, t):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph_matches_eager(compiler, monkeypatch):
+def test_compile_fullgraph_matches_eager(compiler):
     """No graph break (fullgraph=True raises on one), and the compiled forward and backward match eager."""
     torch._dynamo.reset()
-    # Compile afresh: inductor's on-disk cache keys graphs without the custom op's schema, so a graph cached by an
-    # older checkout would be replayed against the current op.
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     case = make_case(2 * 7, 32, 90, torch.float32, bias=True, ignore_frac=0.2, seed=2, lead=(2, 7))
     eager = _loss(case.hidden, case.weight, case.bias, case.targets)
     g_eager = torch.autograd.grad(eager, case.leaves)
-    compiled = torch.compile(_loss, fullgraph=True, backend=compiler)
-    out = compiled(case.hidden, case.weight, case.bias, case.targets)
-    g_out = torch.autograd.grad(out, case.leaves)
+    # Compile afresh: inductor's on-disk cache keys graphs without the custom op's schema, so a graph cached by an
+    # older checkout would be replayed against the current op. (config.patch, not monkeypatch: pytest >= 9.2's undo
+    # deletes attributes that torch's config module does not keep in its __dict__.)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled = torch.compile(_loss, fullgraph=True, backend=compiler)
+        out = compiled(case.hidden, case.weight, case.bias, case.targets)
+        g_out = torch.autograd.grad(out, case.leaves)
     torch.testing.assert_close(out, eager)
     for a, b in zip(g_out, g_eager):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_inductor_with_a_transposed_head():
+    """A head stored as [H, V] and passed as weight.T (tied embeddings, some checkpoints) compiles and matches."""
+    torch._dynamo.reset()
+    case = make_case(12, 16, 40, torch.float32, bias=True, seed=3)
+    w_t = case.weight.detach().T.contiguous().requires_grad_()          # [H, V] storage
+
+    def loss(h, w_t, b, t):
+        return _loss(h, w_t.T, b, t)
+
+    eager = torch.autograd.grad(loss(case.hidden, w_t, case.bias, case.targets), [case.hidden, w_t])
+    with torch._inductor.config.patch(force_disable_caches=True):  # see test_compile_fullgraph_matches_eager
+        compiled = torch.compile(loss, fullgraph=True, backend="inductor")
+        out = torch.autograd.grad(compiled(case.hidden, w_t, case.bias, case.targets), [case.hidden, w_t])
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_internal_stats_output_is_not_differentiable():
+    """The op's third output (lse, raw entropy) is bookkeeping for the backward: autograd must not treat it as a
+    differentiable result whose gradient would be silently dropped."""
+    case = make_case(5, 8, 20, torch.float32, seed=4)
+    _, _, stats = _linear_logprobs_op(case.hidden, case.weight, None, case.targets, 1.0, -100, "default", "torch",
+                                      True)
+    assert not stats.requires_grad
 
 
 def test_compile_dynamic_shapes_no_recompile_per_length():
