@@ -9,7 +9,8 @@ Notation (one row ``n``, vocabulary ``v``)::
     logp  = z_t - lse                                      t = target id
     ent   = -sum_v p_v log p_v = lse - sum_v p_v z_v
 
-Forward (``_fwd_kernel``): grid ``(cdiv(N, BLOCK_N), SPLITS)``. Program ``(i_n, i_s)`` streams the vocabulary span
+Forward (``_fwd_kernel``): ``cdiv(N, BLOCK_N) x SPLITS`` programs, rasterized in groups (``_grouped_pid``) so that
+programs running together share their rows of ``h`` and tiles of ``W`` in L2. Program ``(i_n, i_s)`` streams the span
 ``[i_s * SPAN, (i_s + 1) * SPAN)`` in ``BLOCK_V`` tiles. Each tile of logits is one ``[BLOCK_N, H] x [H, BLOCK_V]`` GEMM
 accumulated in FP32 over ``BLOCK_H`` slices of ``H``, then folded into an online log-sum-exp state per row::
 
@@ -18,9 +19,9 @@ accumulated in FP32 over ``BLOCK_H`` slices of ``H``, then folded into an online
     a  sum_v exp(z_v - m) * (z_v - m)       (entropy numerator, kept relative to m so that logits of 1e4 do not cancel)
     zt the target logit, if it falls in this span (else 0)
 
-The partial states of the ``SPLITS`` spans are written to a ``[4, SPLITS, N]`` FP32 buffer and merged on the host
-(``merge_partials``): ``lse = M + log S`` and ``ent = log S - A / S``. Splitting the vocabulary keeps the GPU full when
-``N`` is small.
+The partial states of the ``SPLITS`` spans are written to a ``[4, SPLITS, N]`` FP32 buffer and merged by a few
+device-side torch ops (``merge_partials``): ``lse = M + log S`` and ``ent = log S - A / S``. Splitting the vocabulary
+keeps the GPU full when ``N`` is small.
 
 Backward: the loss reaches the kernels as the upstream gradients ``g_lp = dL/dlogp`` and ``g_ent = dL/dent`` per row.
 Differentiating the definitions above::
@@ -31,8 +32,9 @@ Differentiating the definitions above::
     dlogits_v  = dz_v * inv_temp                    (chain rule through the temperature)
     dh   = dlogits @ W          dW = dlogits.T @ h          db = sum_n dlogits
 
-The vocabulary is walked in slices of ``C`` columns (``C`` ~ 2 H, so a slice's ``dz`` has about as many elements as
-``dh``). Per slice, ``_dz_kernel`` (grid ``(cdiv(N, BLOCK_N), cdiv(C, BLOCK_V))``) recomputes each logit tile from the
+The vocabulary is walked in slices of ``C`` columns (``C`` ~ max(2 H, 2^24 / N), so a slice's ``dz`` holds about
+2 N H elements: as many bytes as FP32 ``dh`` in half precision). Per slice, ``_dz_kernel`` (``cdiv(N, BLOCK_N) x
+cdiv(C, BLOCK_V)`` programs, rasterized in groups) recomputes each logit tile from the
 saved ``lse`` (the one extra GEMM), forms ``dlogits`` in registers and writes it to a ``[N, C]`` buffer in the GEMM
 dtype; ``_matmul_kernel`` then computes ``dW[slice] = dz^T @ h`` (complete over all rows, so written once, in the
 weight's dtype) and ``dh += dz @ W[slice]`` (FP32 buffer). Every output tile has one owner: no atomics, the backward
@@ -112,6 +114,18 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _grouped_pid(i_pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """Map a 1-D program id to ``(row block, column block)`` so that the programs running at the same time cover
+    ``GROUP`` row blocks by a few column blocks: their row operand (h) and column operand (W) then stay in L2, as
+    in a well-rasterized GEMM. Plain row-fastest order would give each resident program its own row block, re-read
+    from HBM for every column step (~130 FLOP/byte at H = 4096, below an H100's ~300)."""
+    i_group = i_pid // (GROUP * n_cols)
+    first = i_group * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    return first + (i_pid % (GROUP * n_cols)) % size, (i_pid % (GROUP * n_cols)) // size
+
+
+@triton.jit
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
     stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
@@ -162,15 +176,14 @@ def _online_lse_update(b_m, b_s, b_a, b_z):
 @triton.jit
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
-    N, V, H, SPAN,
+    N, V, H, SPAN, SPLITS,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_s = tl.program_id(1)
+    i_n, i_s = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLITS, GROUP)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     b_t = tl.load(t_ptr + o_n, mask=m_n, other=ignore_index).to(tl.int64)  # [BLOCK_N]
@@ -198,12 +211,12 @@ def _fwd_kernel(
             b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
 
     # part: [4, SPLITS, N] fp32, contiguous
-    n_splits = tl.num_programs(1)
     p_part = part_ptr + i_s.to(tl.int64) * N + o_n
+    stride_part = tl.cast(SPLITS, tl.int64) * N
     tl.store(p_part, b_m, mask=m_n)
-    tl.store(p_part + n_splits * N, b_s, mask=m_n)
-    tl.store(p_part + 2 * n_splits * N, b_a, mask=m_n)
-    tl.store(p_part + 3 * n_splits * N, b_zt, mask=m_n)
+    tl.store(p_part + stride_part, b_s, mask=m_n)
+    tl.store(p_part + 2 * stride_part, b_a, mask=m_n)
+    tl.store(p_part + 3 * stride_part, b_zt, mask=m_n)
 
 
 @triton.jit
@@ -214,12 +227,11 @@ def _dz_kernel(
     inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
     """``dz[N, VC]`` (contiguous) for the vocabulary slice ``[v_start, v_start + VC)``: the gradient of the loss with
     respect to the raw logits ``h W^T + b`` of those columns, recomputed from the saved ``lse`` (one GEMM)."""
-    i_n = tl.program_id(0)
-    i_v = tl.program_id(1)
+    i_n, i_v = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(VC, BLOCK_V), GROUP)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_c = i_v * BLOCK_V + tl.arange(0, BLOCK_V)   # column within the slice
     o_v = v_start + o_c                           # vocabulary id
@@ -250,7 +262,7 @@ def _dz_kernel(
         b_dz = b_dz * inv_temp  # d/d(h W^T + b)
     if UPCAST:
         b_dz = _round_bf16(b_dz)  # the interpreter's store to bf16 truncates; the GPU's rounds to nearest
-    p_dz = dz_ptr + o_n[:, None].to(tl.int64) * VC + o_c[None, :]
+    p_dz = dz_ptr + (o_n[:, None].to(tl.int64) * VC + o_c[None, :])  # one int64 offset
     tl.store(p_dz, b_dz.to(dz_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
@@ -264,15 +276,7 @@ def _matmul_kernel(
 ):
     """``c[M, N] (+)= a[M, K] @ b[K, N]`` with FP32 accumulation, any strides (so ``a`` may be a transposed view),
     written in ``c``'s dtype. Each program owns one output tile: no atomics, deterministic."""
-    i_pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M consecutive row blocks walk the same column tiles of b while they sit in L2.
-    i_group = i_pid // (GROUP_M * n_n)
-    first_m = i_group * GROUP_M
-    group_m = tl.minimum(n_m - first_m, GROUP_M)
-    i_m = first_m + (i_pid % (GROUP_M * n_n)) % group_m
-    i_n = (i_pid % (GROUP_M * n_n)) // group_m
+    i_m, i_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,9 +324,10 @@ class KernelConfig:
     BLOCK_H: int
     num_warps: int
     num_stages: int
+    GROUP: int = 16   # row blocks per rasterization group (see _grouped_pid)
 
     def meta(self) -> dict:
-        return dict(BLOCK_N=self.BLOCK_N, BLOCK_V=self.BLOCK_V, BLOCK_H=self.BLOCK_H)
+        return dict(BLOCK_N=self.BLOCK_N, BLOCK_V=self.BLOCK_V, BLOCK_H=self.BLOCK_H, GROUP=self.GROUP)
 
 
 # Every config shipped here is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no GPU needed), which checks
@@ -341,7 +346,7 @@ FWD_CONFIGS = {
     ],
     "fp32": [
         KernelConfig(64, 128, 16, num_warps=8, num_stages=3),
-        KernelConfig(128, 128, 16, num_warps=8, num_stages=2),
+        KernelConfig(128, 64, 16, num_warps=8, num_stages=3),
         KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
     ],
 }
@@ -385,13 +390,15 @@ MATMUL_CONFIGS = {
     ],
 }
 # The interpreter runs numpy per block: small tiles keep CPU validation fast and exercise the edge masks.
-INTERPRETER_CONFIG = KernelConfig(16, 32, 16, num_warps=1, num_stages=1)
+INTERPRETER_CONFIG = KernelConfig(16, 32, 16, num_warps=1, num_stages=1, GROUP=2)
 INTERPRETER_MATMUL_CONFIG = MatmulConfig(16, 32, 16, num_warps=1, num_stages=1, GROUP_M=2)
 
 # Vocabulary spans of the forward are multiples of this, so every shipped BLOCK_V tiles a span exactly.
 _SPAN_QUANTUM = 256
-# Forward programs to aim for: enough to fill the SMs a couple of times over even when N is small.
+# Forward programs to aim for: enough to fill the SMs a couple of times over even when N is small; and at least
+# _MIN_SPLITS vocabulary spans, so that a rasterization group (GROUP row blocks x spans) shares its h rows in L2.
 _TARGET_PROGRAMS_PER_SM = 2
+_MIN_SPLITS = 8
 
 
 def _config_key(mode: KernelMode, dtype: torch.dtype) -> str:
@@ -423,7 +430,8 @@ def _num_sms(device: torch.device) -> int:
 
 def _vocab_span(n_row_blocks: int, V: int, device: torch.device) -> int:
     target = _TARGET_PROGRAMS_PER_SM * _num_sms(device)
-    splits = max(1, min(triton.cdiv(V, _SPAN_QUANTUM), triton.cdiv(target, max(n_row_blocks, 1))))
+    splits = max(_MIN_SPLITS, triton.cdiv(target, max(n_row_blocks, 1)))
+    splits = max(1, min(triton.cdiv(V, _SPAN_QUANTUM), splits))
     return triton.cdiv(triton.cdiv(V, splits), _SPAN_QUANTUM) * _SPAN_QUANTUM
 
 
@@ -458,9 +466,9 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_i
     span = _vocab_span(n_blocks, V, hidden.device)
     splits = triton.cdiv(V, span)
     part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
-    _fwd_kernel[(n_blocks, splits)](
+    _fwd_kernel[(n_blocks * splits,)](
         hidden, weight, bias if bias is not None else hidden, targets, part,
-        N, V, H, span,
+        N, V, H, span, splits,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         inv_temp, ignore_index,
         HAS_BIAS=bias is not None,
@@ -529,7 +537,7 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
     for i, v0 in enumerate(range(0, V, cols)):
         c = min(cols, V - v0)
         dz = buf[: N * c].view(N, c)                                                        # [N, c]
-        _dz_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(c, cfg.BLOCK_V))](
+        _dz_kernel[(triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(c, cfg.BLOCK_V),)](
             hidden, weight, bias if bias is not None else hidden, targets, lse, ent,
             grad_logp, grad_ent if grad_ent is not None else grad_logp, dz,
             N, V, H, v0, c,

@@ -89,7 +89,7 @@ def kernel_launches(kind: str, h: str, w: str, cast_fp32: bool) -> list[tuple]:
 _ARG_TYPES = {
     "fwd": {
         "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32",
-        "N": "i32", "V": "i32", "H": "i32", "SPAN": "i32",
+        "N": "i32", "V": "i32", "H": "i32", "SPAN": "i32", "SPLITS": "i32",
         "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32", "inv_temp": "fp32",
         "ignore_index": "i32",
     },
