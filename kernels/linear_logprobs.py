@@ -268,40 +268,39 @@ def _dz_kernel(
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    x_ptr, y_ptr, out_ptr, M, N, K,
+    stride_xm, stride_xk, stride_yk, stride_yn, stride_om, stride_on,
     ACCUMULATE: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``c[M, N] (+)= a[M, K] @ b[K, N]`` with FP32 accumulation, any strides (so ``a`` may be a transposed view),
-    written in ``c``'s dtype. Each program owns one output tile: no atomics, deterministic."""
+    """``out[M, N] (+)= x[M, K] @ y[K, N]`` with FP32 accumulation, any strides (so ``x`` may be a transposed view),
+    written in ``out``'s dtype. Each program owns one output tile: no atomics, deterministic."""
     i_m, i_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = tl.arange(0, BLOCK_K)
     m_m = o_m < M
     m_n = o_n < N
-    p_a = a_ptr + o_m[:, None].to(tl.int64) * stride_am + o_k[None, :].to(tl.int64) * stride_ak  # [BLOCK_M, BLOCK_K]
-    p_b = b_ptr + o_k[:, None].to(tl.int64) * stride_bk + o_n[None, :].to(tl.int64) * stride_bn  # [BLOCK_K, BLOCK_N]
+    p_x = x_ptr + o_m[:, None].to(tl.int64) * stride_xm + o_k[None, :].to(tl.int64) * stride_xk  # [BLOCK_M, BLOCK_K]
+    p_y = y_ptr + o_k[:, None].to(tl.int64) * stride_yk + o_n[None, :].to(tl.int64) * stride_yn  # [BLOCK_K, BLOCK_N]
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = tl.cast(i_k * BLOCK_K, tl.int64)  # 64-bit: a transposed view steps whole rows of dz per K slice
         m_k = o_k < K - i_k * BLOCK_K
-        b_a = tl.load(p_a + k0 * stride_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_b = tl.load(p_b + k0 * stride_bk, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_x = tl.load(p_x + k0 * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_y = tl.load(p_y + k0 * stride_yk, mask=m_k[:, None] & m_n[None, :], other=0.0)
         if CAST_FP32:
-            b_a = b_a.to(tl.float32)
-            b_b = b_b.to(tl.float32)
-        b_acc = _dot(b_a, b_b, b_acc, DOT_PRECISION, UPCAST)
-    p_c = c_ptr + o_m[:, None].to(tl.int64) * stride_cm + o_n[None, :].to(tl.int64) * stride_cn
-    m_c = m_m[:, None] & m_n[None, :]
+            b_x = b_x.to(tl.float32)
+            b_y = b_y.to(tl.float32)
+        b_acc = _dot(b_x, b_y, b_acc, DOT_PRECISION, UPCAST)
+    p_o = out_ptr + o_m[:, None].to(tl.int64) * stride_om + o_n[None, :].to(tl.int64) * stride_on
+    m_o = m_m[:, None] & m_n[None, :]
     if ACCUMULATE:
-        b_acc += tl.load(p_c, mask=m_c, other=0.0).to(tl.float32)
+        b_acc += tl.load(p_o, mask=m_o, other=0.0).to(tl.float32)
     if ROUND_BF16:
         b_acc = _round_bf16(b_acc)  # interpreter only, as in _dz_kernel
-    tl.store(p_c, b_acc.to(c_ptr.dtype.element_ty), mask=m_c)
+    tl.store(p_o, b_acc.to(out_ptr.dtype.element_ty), mask=m_o)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -478,17 +477,17 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_i
     return merge_partials(part)
 
 
-def _matmul(a, b, out, mode: KernelMode, accumulate: bool) -> None:
-    """``out (+)= a @ b`` with FP32 accumulation; ``a [M, K]`` and ``b [K, N]`` may be strided views."""
-    M, K = a.shape
-    N = b.shape[1]
-    cfg = default_config("matmul", mode, a.dtype)
+def _matmul(x, y, out, mode: KernelMode, accumulate: bool) -> None:
+    """``out (+)= x @ y`` with FP32 accumulation; ``x [M, K]`` and ``y [K, N]`` may be strided views."""
+    M, K = x.shape
+    N = y.shape[1]
+    cfg = default_config("matmul", mode, x.dtype)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     _matmul_kernel[grid](
-        a, b, out, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        x, y, out, M, N, K,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
         ACCUMULATE=accumulate, CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision,
-        UPCAST=_upcast(mode, a.dtype), ROUND_BF16=is_interpreter() and out.dtype == torch.bfloat16,
+        UPCAST=_upcast(mode, x.dtype), ROUND_BF16=is_interpreter() and out.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
     )
 

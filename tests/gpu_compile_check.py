@@ -78,8 +78,8 @@ def kernel_launches(kind: str, h: str, w: str, cast_fp32: bool) -> list[tuple]:
         return [("fwd", "fwd", {"h": h, "w": w}, {}, {"stride_hh", "stride_wh"})]
     return [
         ("dz", "dz", {"h": h, "w": w, "dz": dz}, {}, {"stride_hh", "stride_wh"}),
-        ("matmul", "dW", {"a": dz, "b": h, "c": w}, {"ACCUMULATE": False}, {"stride_am", "stride_bn", "stride_cn"}),
-        ("matmul", "dh", {"a": dz, "b": w, "c": "fp32"}, {"ACCUMULATE": True}, {"stride_ak", "stride_bn", "stride_cn"}),
+        ("matmul", "dW", {"x": dz, "y": h, "out": w}, {"ACCUMULATE": False}, {"stride_xm", "stride_yn", "stride_on"}),
+        ("matmul", "dh", {"x": dz, "y": w, "out": "fp32"}, {"ACCUMULATE": True}, {"stride_xk", "stride_yn", "stride_on"}),
     ]
 
 
@@ -101,23 +101,23 @@ _ARG_TYPES = {
         "inv_temp": "fp32", "ignore_index": "i32",
     },
     "matmul": {
-        "a_ptr": "*a", "b_ptr": "*b", "c_ptr": "*c", "M": "i32", "N": "i32", "K": "i32",
-        "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-        "stride_cm": "i32", "stride_cn": "i32",
+        "x_ptr": "*x", "y_ptr": "*y", "out_ptr": "*out", "M": "i32", "N": "i32", "K": "i32",
+        "stride_xm": "i32", "stride_xk": "i32", "stride_yk": "i32", "stride_yn": "i32",
+        "stride_om": "i32", "stride_on": "i32",
     },
 }
 # Triton specializes launch arguments: an int equal to 1 becomes a constexpr, and pointers / ints divisible by 16 get
 # a `tt.divisibility = 16` attribute that enables vectorized loads. We compile the common case: contiguous rows
 # (unit inner strides, per launch above), 16-byte aligned tensors, H (hence the row strides), SPAN and the slice
 # width VC multiples of 16 by construction; N, V, M, K arbitrary.
-_DIVISIBLE_INTS = {"H", "SPAN", "VC", "stride_hn", "stride_wv", "stride_am", "stride_ak", "stride_bk", "stride_cm"}
+_DIVISIBLE_INTS = {"H", "SPAN", "VC", "stride_hn", "stride_wv", "stride_xm", "stride_xk", "stride_yk", "stride_om"}
 
 # The pointers whose offsets must be 64-bit, and the argument their row index is multiplied by (see int64_row_offsets).
 _INT64_CHECKS = {
     "fwd": {"h": ("h_ptr", "stride_hn"), "w": ("w_ptr", "stride_wv")},
     "dz": {"h": ("h_ptr", "stride_hn"), "w": ("w_ptr", "stride_wv"), "dz": ("dz_ptr", "VC")},
-    "matmul:dW": {"a": ("a_ptr", "stride_ak"), "b": ("b_ptr", "stride_bk"), "c": ("c_ptr", "stride_cm")},
-    "matmul:dh": {"a": ("a_ptr", "stride_am"), "b": ("b_ptr", "stride_bk"), "c": ("c_ptr", "stride_cm")},
+    "matmul:dW": {"x": ("x_ptr", "stride_xk"), "y": ("y_ptr", "stride_yk"), "out": ("out_ptr", "stride_om")},
+    "matmul:dh": {"x": ("x_ptr", "stride_xm"), "y": ("y_ptr", "stride_yk"), "out": ("out_ptr", "stride_om")},
 }
 _KERNEL_FN = {"fwd": "_fwd_kernel", "dz": "_dz_kernel", "matmul": "_matmul_kernel"}
 
@@ -153,7 +153,7 @@ def enumerate_jobs(archs=ARCHS) -> list[dict]:
     for kind, h_dtype, w_dtype, cast_fp32, dot_precision in launched_modes():
         mode = module.KernelMode(cast_fp32, dot_precision)
         for kernel, role, dtypes, constexprs, unit_strides in kernel_launches(kind, h_dtype, w_dtype, cast_fp32):
-            operand = dtypes.get("a", h_dtype)  # the dtype the config table is chosen by, as the host does
+            operand = dtypes.get("x", h_dtype)  # the dtype the config table is chosen by, as the host does
             key = module._config_key(mode, getattr(torch, _TORCH_DTYPES[operand]))
             for index, cfg in enumerate(module.CONFIGS[kernel][key]):
                 for arch in archs:
