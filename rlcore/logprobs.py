@@ -56,7 +56,7 @@ def _kernel_mode(precision: str, h_dtype: torch.dtype, w_dtype: torch.dtype, kin
 
 
 def _dtype_pairs():
-    """(hidden, weight) dtype pairs the Triton backend takes, with the precisions each is valid under."""
+    """(hidden, weight) dtype pairs the op takes, with the precisions each is valid under (float64 aside)."""
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         yield dt, dt, PRECISIONS
     for dt in _HALF:
@@ -259,6 +259,8 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have the weight's dtype ({weight.dtype}), got {bias.dtype}")
     for name, x in (("weight", weight), ("targets", targets), ("bias", bias)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; inputs must share a device")
@@ -269,16 +271,18 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     fp64 = torch.float64 in (hidden.dtype, weight.dtype)
-    if hidden.dtype != weight.dtype and not fp64:
-        if precision == "default":
-            raise TypeError(
-                f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype with precision='default'; "
-                "use precision='fp32' to compute a mixed-dtype head in FP32"
-            )
-        if not (hidden.dtype in _HALF and weight.dtype == torch.float32):
+    if not fp64:
+        allowed = {(h, w): precisions for h, w, precisions in _dtype_pairs()}
+        pair = (hidden.dtype, weight.dtype)
+        if pair not in allowed:
             raise TypeError(
                 f"hidden ({hidden.dtype}) and weight ({weight.dtype}): the only mixed pair is bf16/fp16 hidden states "
                 "with a float32 head; cast one of them"
+            )
+        if precision not in allowed[pair]:
+            raise TypeError(
+                f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype with precision={precision!r}; "
+                "use precision='fp32' to compute a mixed-dtype head in FP32"
             )
     if backend == "auto":
         return "triton" if hidden.device.type == "cuda" and not fp64 else "torch"

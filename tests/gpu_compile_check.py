@@ -79,7 +79,8 @@ def kernel_launches(kind: str, h: str, w: str, cast_fp32: bool) -> list[tuple]:
     return [
         ("dz", "dz", {"h": h, "w": w, "dz": dz}, {}, {"stride_hh", "stride_wh"}),
         ("matmul", "dW", {"x": dz, "y": h, "out": w}, {"ACCUMULATE": False}, {"stride_xm", "stride_yn", "stride_on"}),
-        ("matmul", "dh", {"x": dz, "y": w, "out": "fp32"}, {"ACCUMULATE": True}, {"stride_xk", "stride_yn", "stride_on"}),
+        ("matmul", "dh", {"x": dz, "y": w, "out": "fp32"}, {"ACCUMULATE": True},
+         {"stride_xk", "stride_yn", "stride_on"}),
     ]
 
 

@@ -36,6 +36,7 @@ BAD = {
     "target-id-negative": (dict(targets=torch.tensor([0, 1, -1, 2, 3, 4])), ValueError, "targets"),
     "bias-shape": (dict(bias=torch.randn(V + 1)), ValueError, "bias"),
     "bias-int": (dict(bias=torch.zeros(V, dtype=torch.long)), TypeError, "bias"),
+    "bias-dtype-not-weight": (dict(bias=torch.zeros(V, dtype=torch.bfloat16)), TypeError, "bias"),
     "precision-unknown": (dict(precision="fp8"), ValueError, "precision"),
     "backend-unknown": (dict(backend="cuda"), ValueError, "backend"),
     "temperature-zero": (dict(temperature=0.0), ValueError, "temperature"),

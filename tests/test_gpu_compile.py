@@ -125,7 +125,7 @@ def test_no_register_spills(records, job_id):
     )
 
 
-# --- the TTIR check itself, on excerpts of real Triton 3.9 output ------------------------------------------------------
+# --- the TTIR check itself, on excerpts of real Triton 3.9 output -----------------------------------------------------
 
 _TTIR_INT64 = """
   tt.func public @k(%h_ptr: !tt.ptr<bf16> loc("h_ptr"(#loc)), %stride_hn: i32 loc("stride_hn"(#loc))) {
