@@ -21,7 +21,7 @@ def pytest_configure(config):
 
 # The interpreter runs each Triton program in numpy: examples are kept few and small, and never timed.
 settings.register_profile(
-    "rlcore", deadline=None, max_examples=int(os.environ.get("RLCORE_HYPOTHESIS_EXAMPLES", "20")),
+    "rlcore", deadline=None, max_examples=int(os.environ.get("RLCORE_HYPOTHESIS_EXAMPLES", "30")),
     suppress_health_check=[HealthCheck.too_slow], derandomize=True, print_blob=True,
 )
 settings.load_profile("rlcore")
