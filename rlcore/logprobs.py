@@ -77,10 +77,6 @@ def launched_modes():
     return list(modes)
 
 
-def _out_dtype(h_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
-    return chunked.compute_dtype(h_dtype, w_dtype)
-
-
 def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
     """Raise on ids outside ``[0, V)`` that are not ``ignore_index``; runs before any kernel reads through them.
 
@@ -117,7 +113,7 @@ def _linear_logprobs_op(
     caller may edit ``logp`` and ``entropy`` in place.
     """
     N, V = hidden.shape[0], weight.shape[0]
-    dtype = _out_dtype(hidden.dtype, weight.dtype)
+    dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)  # outputs: float32, float64 for float64 inputs
     if N == 0:
         return hidden.new_empty((0,), dtype=dtype), hidden.new_empty((0,), dtype=dtype), hidden.new_empty(
             (2, 0), dtype=dtype)
@@ -136,7 +132,7 @@ def _linear_logprobs_op(
 
 @_linear_logprobs_op.register_fake
 def _(hidden, weight, bias, targets, temperature, ignore_index, precision, backend, check_targets):
-    dtype = _out_dtype(hidden.dtype, weight.dtype)
+    dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)  # outputs: float32, float64 for float64 inputs
     n = hidden.shape[0]
     return (hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype),
             hidden.new_empty((2, n), dtype=dtype))
