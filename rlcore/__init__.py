@@ -1,8 +1,11 @@
 """rlcore: log-probabilities and RL losses for LLM post-training, computed from hidden states without logits."""
 
 from .logprobs import BACKENDS, PRECISIONS, linear_logprobs
+from .losses import AGGS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, PolicyLossOutput, policy_loss, vstar
 from . import reference
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_logprobs", "reference", "PRECISIONS", "BACKENDS", "__version__"]
+__all__ = [
+    "linear_logprobs", "policy_loss", "vstar", "PolicyLossOutput", "LOSS_TYPES", "AGGS", "IS_MODES", "KL_ESTIMATORS",
+    "reference", "PRECISIONS", "BACKENDS", "__version__"]
