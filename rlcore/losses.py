@@ -82,6 +82,17 @@ _PRESETS: Dict[str, _Preset] = {
 LOSS_TYPES = tuple(_PRESETS)
 
 
+@dataclass(frozen=True)
+class _Norms:
+    """The batch-wide denominators, for evaluating the loss of a slice of whole sequences at a time (the single-pass
+    fused loss): the loss is then the sum of the slices' losses. 0-d tensors except ``batch``."""
+
+    num_tokens: torch.Tensor     # loss tokens (token-mean)
+    num_seqs: torch.Tensor       # sequences with a loss token (seq-mean-token-mean, regression)
+    num_pairs: torch.Tensor      # pairs with a loss token (rebel)
+    batch: int                   # B (seq-mean-token-sum, constant)
+
+
 class PolicyLossOutput(NamedTuple):
     """``loss``: a 0-d tensor to call ``backward()`` on. ``metrics``: detached 0-d tensors, never synced."""
 
@@ -376,6 +387,46 @@ def policy_loss(
         out = rlcore.policy_loss(logp, adv, mask, old_logp=old, loss_type="gspo")
         out.loss.backward()
     """
+    return _policy_loss(**locals())
+
+
+def _policy_loss(
+    logp: torch.Tensor,
+    advantages: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    sampler_logp: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    loss_type: str = "ppo",
+    agg=DEFAULT,
+    eps_low=DEFAULT,
+    eps_high=DEFAULT,
+    dual_clip: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = 20.0,
+    agg_constant: Optional[float] = None,
+    num_tokens=None,
+    token_weights: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    kl_clamp: bool = False,
+    is_mode: Optional[str] = None,
+    is_cap: float = 2.0,
+    is_min: Optional[float] = None,
+    reject: bool = False,
+    entropy_coef: float = 0.0,
+    rewards: Optional[torch.Tensor] = None,
+    baseline: Optional[torch.Tensor] = None,
+    beta2=DEFAULT,
+    beta1: float = 0.5,
+    group_size: Optional[int] = None,
+    eta: float = 1.0,
+    check_inputs: bool = True,
+    norms: Optional["_Norms"] = None,
+) -> PolicyLossOutput:
+    """:func:`policy_loss`, with the aggregation denominators optionally taken from ``norms`` (a part of a batch)."""
     # ---- names and presets -------------------------------------------------------------------------------------
     _choice("loss_type", loss_type, LOSS_TYPES)
     preset = _PRESETS[loss_type]
@@ -524,19 +575,24 @@ def policy_loss(
             return torch.zeros((), dtype=cdt, device=l.device)
         return torch.where(n_tok > 0, torch.where(valid, x, -math.inf).amax(), 0.0)
 
+    if norms is None:
+        tok_denom = n_tok if num_tokens is None else torch.as_tensor(num_tokens, dtype=cdt, device=l.device)
+        seq_denom, batch = nonempty.sum(), layout.B
+    else:
+        tok_denom, seq_denom, batch = norms.num_tokens, norms.num_seqs, norms.batch
+
     def aggregate(x):
         """``agg`` of a token-shaped ``x`` that is 0 at masked positions."""
         if agg == "token-mean":
-            denom = n_tok if num_tokens is None else torch.as_tensor(num_tokens, dtype=cdt, device=l.device)
-            return x.sum() / denom.clamp(min=1)
+            return x.sum() / tok_denom.clamp(min=1)
         if agg == "token-sum":
             return x.sum()
         if agg == "seq-mean-token-mean":
             per_seq = layout.seq_sum(x) / n_seq.clamp(min=1)    # [B]
-            return per_seq.sum() / nonempty.sum().clamp(min=1)
+            return per_seq.sum() / seq_denom.clamp(min=1)
         if agg == "seq-mean-token-sum":
-            return layout.seq_sum(x).sum() / max(layout.B, 1)
-        return x.sum() / (max(layout.B, 1) * agg_constant)
+            return layout.seq_sum(x).sum() / max(batch, 1)
+        return x.sum() / (max(batch, 1) * agg_constant)
 
     if num_tokens is not None and agg == "token-mean":
         if not isinstance(num_tokens, (numbers.Real, torch.Tensor)) or isinstance(num_tokens, bool):
@@ -599,7 +655,8 @@ def policy_loss(
             lam2, r2 = lam.view(-1, 2), r.view(-1, 2)                            # [B/2, 2]
             pair_ok = n_seq.view(-1, 2).sum(-1) > 0                              # [B/2]
             per = ((lam2[:, 0] - lam2[:, 1]) - eta * (r2[:, 0] - r2[:, 1])) ** 2
-            loss_reg = torch.where(pair_ok, per, 0.0).sum() / pair_ok.sum().clamp(min=1)
+            pair_denom = pair_ok.sum() if norms is None else norms.num_pairs
+            loss_reg = torch.where(pair_ok, per, 0.0).sum() / pair_denom.clamp(min=1)
             target = r
         else:
             if baseline is None:
@@ -608,7 +665,7 @@ def policy_loss(
                 baseline = b.repeat_interleave(group_size)                       # [B]
             target = torch.where(nonempty, r - baseline, 0.0)
             per = (beta2 * lam - target) ** 2
-            loss_reg = torch.where(nonempty, per, 0.0).sum() / nonempty.sum().clamp(min=1)
+            loss_reg = torch.where(nonempty, per, 0.0).sum() / seq_denom.clamp(min=1)
         metrics["seq_log_ratio_mean"] = (torch.where(nonempty, lam, 0.0).sum()
                                          / nonempty.sum().clamp(min=1)).detach()
         metrics["target_mean"] = (target.sum() / nonempty.sum().clamp(min=1)).detach()

@@ -1,0 +1,368 @@
+"""``fused_policy_loss``: an RL policy loss straight from hidden states and the LM head, with no ``[N, V]`` logits.
+
+Two strategies compute the same loss and gradients as ``policy_loss(linear_logprobs(...))``:
+
+``two_pass``
+    Exactly that composition. The forward streams the vocabulary once for ``logp`` (and the entropy); autograd
+    differentiates the O(N) loss; the op's backward recomputes the logits tiles to form ``dz``. Four GEMM-sized
+    passes over the head (logits twice, ``dh``, ``dW``). Any backend; the only choice on CUDA (Triton).
+
+``single_pass``
+    One pass over slices of *whole sequences*. A slice's ``[C, V]`` logits are formed once (FP32), reduced to ``logp``
+    and the entropy, the slice's loss is differentiated right there (its aggregation denominators are taken from the
+    whole batch, so the batch loss is the sum of the slices' losses: every loss in ``policy_loss`` is a sum over
+    sequences with mask-only coefficients), and the same logits become ``dz``, ``dh`` and ``dW`` while still in
+    memory. Three GEMMs instead of four, at the price of a slice that holds whole sequences: it runs when every
+    sequence's loss tokens times V fit ``chunk_budget`` elements. Chunked PyTorch (the CPU backend's math).
+
+``strategy="auto"`` picks ``single_pass`` on the chunked PyTorch backend when the sequences fit the budget (measured
+faster on CPU, see ``bench/results``), else ``two_pass``. Both skip the rows that no loss term reads (prompt, padding,
+tool and observation tokens): on CPU they are dropped before any GEMM; on CUDA their targets become
+``ignore_index``, which the Triton kernels skip a row block at a time, with no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import chunked
+from .logprobs import _check_inputs, linear_logprobs
+from .losses import PolicyLossOutput, _Norms, _policy_loss, _PRESETS, _Layout, vstar
+
+__all__ = ["fused_policy_loss", "STRATEGIES"]
+
+STRATEGIES = ("auto", "two_pass", "single_pass")
+
+# Logits elements one single-pass slice may hold (FP32: 128 MiB). A slice must hold whole sequences, so this bounds
+# the longest sequence x V the single pass takes: 2048 loss tokens at V = 16k, 1k tokens at V = 32k.
+CHUNK_BUDGET = 2**25
+
+_PER_TOKEN = ("old_logp", "ref_logp", "sampler_logp", "token_weights")
+_PER_SEQ = ("rewards", "baseline")
+
+
+def fused_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    precision: str = "default",
+    backend: str = "auto",
+    check_targets: bool = True,
+    compute_entropy: bool = False,
+    strategy: str = "auto",
+    chunk_budget: Optional[int] = None,
+    **loss_kwargs,
+) -> PolicyLossOutput:
+    """``policy_loss`` on the log-probs of ``targets`` under the head ``weight`` applied to ``hidden``, fused.
+
+    Shapes: padded ``hidden [B, T, H]``, ``targets``/``mask [B, T]``; or packed ``hidden [N, H]``, ``targets``/``mask
+    [N]`` with ``cu_seqlens [B + 1]``. ``weight [V, H]``, ``bias [V]``. ``targets[t]`` is the token whose log-prob
+    position ``t`` scores (the caller shifts by one, as for any causal LM loss). Positions where ``mask`` is 0 or the
+    target is ``ignore_index`` are not loss tokens.
+
+    The head arguments (``bias``, ``temperature``, ``ignore_index``, ``precision``, ``backend``, ``check_targets``)
+    are :func:`rlcore.linear_logprobs`'s; every other keyword (``loss_type``, ``old_logp``, ``agg``, ...) is
+    :func:`rlcore.policy_loss`'s. The entropy is computed in the fused pass when ``entropy_coef != 0`` or
+    ``compute_entropy=True`` (then it is reported as ``metrics["entropy_mean"]``).
+
+    ``strategy``: ``"two_pass"``, ``"single_pass"`` or ``"auto"`` (see the module docstring); ``chunk_budget`` caps
+    the logits elements of a single-pass slice (default ``CHUNK_BUDGET``). Values and gradients are the same either
+    way, up to FP32 summation order.
+
+    Returns ``PolicyLossOutput(loss, metrics)``; gradients reach ``hidden``, ``weight`` and ``bias``.
+
+    Example::
+
+        out = rlcore.fused_policy_loss(h, model.lm_head.weight, targets, adv, mask,
+                                       old_logp=old, loss_type="cispo")
+        out.loss.backward()
+    """
+    for key in ("logp", "entropy"):
+        if key in loss_kwargs:
+            raise TypeError(f"fused_policy_loss computes {key} itself; do not pass {key}=")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(map(repr, STRATEGIES))}")
+    resolved_backend = _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
+    packed = cu_seqlens is not None
+    if hidden.dim() != (2 if packed else 3):
+        raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] with cu_seqlens (packed), got shape "
+                         f"{tuple(hidden.shape)}" + (" with cu_seqlens" if packed else " without cu_seqlens"))
+    loss_type = loss_kwargs.get("loss_type", "ppo")
+    entropy_coef = loss_kwargs.get("entropy_coef", 0.0)
+    need_entropy = bool(compute_entropy) or entropy_coef != 0
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape)):
+        raise ValueError(f"mask must be a tensor shaped like targets {tuple(targets.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    loss_mask = targets != ignore_index
+    if mask is not None:
+        loss_mask = loss_mask & (mask if mask.dtype == torch.bool else mask != 0)
+    head = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, precision=precision,
+                backend=resolved_backend, check_targets=check_targets)
+
+    if strategy == "auto":
+        strategy = "two_pass"
+        if resolved_backend == "torch" and _single_pass_supported(loss_kwargs):
+            budget = CHUNK_BUDGET if chunk_budget is None else chunk_budget
+            if _longest_unit(loss_mask, cu_seqlens, loss_type) * weight.shape[0] <= budget:
+                strategy = "single_pass"
+    elif strategy == "single_pass":
+        if resolved_backend != "torch":
+            raise ValueError("strategy='single_pass' runs on the chunked PyTorch backend; use backend='torch' "
+                             "(or strategy='two_pass' for the Triton kernels)")
+        if not _single_pass_supported(loss_kwargs):
+            raise ValueError("strategy='single_pass' does not take reject=True (the rejected tokens change the "
+                             "batch-wide counts); use strategy='two_pass'")
+
+    if strategy == "two_pass":
+        logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
+        return _policy_loss(**_loss_args(logp, advantages, loss_mask, cu_seqlens, ent, loss_kwargs))
+    return _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head,
+                        CHUNK_BUDGET if chunk_budget is None else int(chunk_budget), loss_kwargs)
+
+
+def _loss_args(logp, advantages, mask, cu_seqlens, entropy, loss_kwargs, **extra):
+    args = dict(loss_kwargs)
+    args.update(logp=logp, advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, entropy=entropy, **extra)
+    return args
+
+
+def _single_pass_supported(loss_kwargs) -> bool:
+    return not loss_kwargs.get("reject", False)
+
+
+def _longest_unit(loss_mask, cu_seqlens, loss_type) -> int:
+    """Loss tokens of the largest group a single-pass slice cannot split: a sequence, or a REBEL pair."""
+    if cu_seqlens is None:
+        counts = loss_mask.sum(-1)                                            # [B]
+    else:
+        counts = _Layout(loss_mask.float(), cu_seqlens, check=False).seq_sum(loss_mask.float())
+    if loss_type == "rebel" and counts.numel() % 2 == 0:
+        counts = counts.view(-1, 2).sum(-1)
+    return int(counts.max()) if counts.numel() else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# two passes: linear_logprobs, then policy_loss; autograd does the rest
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head):
+    """``logp`` (and entropy) at every position, zero where ``loss_mask`` is False; only loss rows are computed."""
+    shape = tuple(targets.shape)
+    h = hidden.reshape(-1, hidden.shape[-1])                                  # [N, H]
+    t = targets.reshape(-1)                                                   # [N]
+    keep = loss_mask.reshape(-1)                                              # [N]
+    if h.device.type == "cpu":
+        idx = keep.nonzero().squeeze(1)                                       # [N_loss]; free on CPU
+        out = linear_logprobs(h.index_select(0, idx), weight, t.index_select(0, idx), return_entropy=need_entropy,
+                              **head)
+        lp, ent = out if need_entropy else (out, None)
+        cdt = lp.dtype
+
+        def scatter(x):
+            return None if x is None else torch.zeros(t.shape[0], dtype=cdt, device=h.device).index_copy(0, idx, x)
+
+        lp, ent = scatter(lp), scatter(ent)
+    else:
+        # No sync on CUDA: non-loss rows become ignored targets, which the kernels skip a row block at a time.
+        t = torch.where(keep, t, head["ignore_index"])
+        out = linear_logprobs(h, weight, t, return_entropy=need_entropy, **head)
+        lp, ent = out if need_entropy else (out, None)
+    return lp.view(shape), None if ent is None else ent.view(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one pass over slices of whole sequences
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _slices(loss_mask, cu_seqlens, V, budget, pair):
+    """``(seq_start, seq_end)`` ranges of whole sequences (pairs for REBEL) whose loss tokens x V fit ``budget``
+    together (a single unit over the budget gets a slice of its own)."""
+    if cu_seqlens is None:
+        counts = loss_mask.sum(-1).tolist()
+    else:
+        cu = cu_seqlens.tolist()
+        flat = loss_mask.long().cumsum(0).tolist()
+        counts = [(flat[e - 1] if e > 0 else 0) - (flat[s - 1] if s > 0 else 0) for s, e in zip(cu[:-1], cu[1:])]
+    step = 2 if pair else 1
+    out, start, rows = [], 0, 0
+    for s in range(0, len(counts), step):
+        n = sum(counts[s:s + step])
+        if s > start and (rows + n) * V > budget:
+            out.append((start, s))
+            start, rows = s, 0
+        rows += n
+    if start < len(counts) or not out:
+        out.append((start, len(counts)))
+    return out
+
+
+class _SinglePassLoss(torch.autograd.Function):
+    """Forward: the loss, with ``dh``, ``dW`` and ``db`` of it computed on the way. Backward: scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run):
+        loss, dh, dw, db = run()
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.hidden_shape = hidden.shape
+        ctx.has_bias = bias is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw, db = ctx.saved_tensors
+        h_dt, w_dt, b_dt = ctx.dtypes
+        g_h = (dh * grad).to(h_dt).view(ctx.hidden_shape) if ctx.needs_input_grad[0] else None
+        g_w = (dw * grad).to(w_dt) if ctx.needs_input_grad[1] else None
+        g_b = (db * grad).to(b_dt) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return g_h, g_w, g_b, None
+
+
+def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head, budget,
+                 loss_kwargs):
+    packed = cu_seqlens is not None
+    loss_type = loss_kwargs.get("loss_type", "ppo")
+    preset = _PRESETS.get(loss_type)
+    if preset is None or cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
+        # let policy_loss raise its own error for a bad loss_type / cu_seqlens
+        return _policy_loss(**_loss_args(torch.zeros(targets.shape, device=hidden.device), advantages, loss_mask,
+                                         cu_seqlens, None, loss_kwargs))
+    # Validate every loss argument once, on the whole batch, with placeholder log-probs (no gradient, O(N)).
+    probe = torch.zeros(targets.shape, dtype=chunked.compute_dtype(hidden.dtype, weight.dtype), device=hidden.device)
+    _policy_loss(**_loss_args(probe, advantages, loss_mask, cu_seqlens,
+                              probe if need_entropy else None, loss_kwargs))
+    layout = _Layout(probe, cu_seqlens, check=False)
+    B = layout.B
+    kwargs = dict(loss_kwargs)
+    kwargs.pop("num_tokens", None)
+    # Batch-wide quantities a slice cannot see: the aggregation denominators and the group baselines.
+    m = loss_mask.to(probe.dtype)
+    n_seq = layout.seq_sum(m)                                                 # [B]
+    num_tokens = loss_kwargs.get("num_tokens")
+    norms = _Norms(
+        num_tokens=m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=probe.dtype,
+                                                                      device=probe.device),
+        num_seqs=(n_seq > 0).sum(),
+        num_pairs=(n_seq.view(-1, 2).sum(-1) > 0).sum() if loss_type == "rebel" else (n_seq > 0).sum(),
+        batch=B,
+    )
+    if loss_type in ("oapl", "kimi") and kwargs.get("baseline") is None:
+        g = kwargs["group_size"]
+        groups = kwargs["rewards"].view(-1, g)
+        b = groups.mean(-1) if loss_type == "kimi" else vstar(groups, kwargs.get("beta1", 0.5))
+        kwargs["baseline"] = b.repeat_interleave(g)
+
+    N_shape = tuple(targets.shape)
+    h_flat = hidden.detach().reshape(-1, hidden.shape[-1])                    # [N, H]
+    t_flat = targets.reshape(-1)
+    keep_flat = loss_mask.reshape(-1)
+    V = weight.shape[0]
+    cdt = probe.dtype
+    inv_temp = 1.0 / head["temperature"]
+    w = weight.detach().to(cdt)
+    b_ = None if head["bias"] is None else head["bias"].detach().to(cdt)
+    cu_list = cu_seqlens.tolist() if packed else None
+    T = None if packed else targets.shape[1]
+    slices = _slices(loss_mask, cu_seqlens, V, budget, pair=loss_type == "rebel")
+    adv_per_seq = advantages is not None and tuple(advantages.shape) == (B,) and (
+        (N_shape != (B,)) or preset.ratio == "seq")
+
+    logp_all = torch.zeros(h_flat.shape[0], dtype=cdt, device=hidden.device)
+    ent_all = torch.zeros_like(logp_all) if need_entropy else None
+
+    def run():
+        dh = torch.zeros(h_flat.shape, dtype=cdt, device=hidden.device)
+        dw = torch.zeros((V, h_flat.shape[1]), dtype=cdt, device=hidden.device)
+        db = torch.zeros(V, dtype=cdt, device=hidden.device) if b_ is not None else None
+        total = torch.zeros((), dtype=cdt, device=hidden.device)
+        for s0, s1 in slices:
+            t0, t1 = (cu_list[s0], cu_list[s1]) if packed else (s0 * T, s1 * T)
+            keep = keep_flat[t0:t1]
+            idx = keep.nonzero().squeeze(1)                                   # [C] loss rows of this slice
+            h_c = h_flat[t0:t1].index_select(0, idx).to(cdt)                  # [C, H]
+            tgt = t_flat[t0:t1].index_select(0, idx).long()                   # [C]
+            z = chunked._logits(h_c, w, b_, inv_temp)                         # [C, V]
+            lse = torch.logsumexp(z, dim=-1)                                  # [C]
+            logp_c = z.gather(1, tgt[:, None]).squeeze(1) - lse               # [C]
+            logq = z.sub_(lse[:, None])                                       # log softmax, in place  [C, V]
+            p = logq.exp()
+            logq.masked_fill_(p == 0, 0.0)                                    # 0 log 0 = 0
+            ent_c = -(p * logq).sum(-1) if need_entropy else None             # [C]
+
+            # the slice's loss, with batch-wide denominators, differentiated w.r.t. its log-probs and entropy
+            lp_leaf = logp_c.detach().requires_grad_()
+            ent_leaf = ent_c.detach().requires_grad_() if need_entropy else None
+            with torch.enable_grad():
+                n_tok = t1 - t0
+                lp_tok = torch.zeros(n_tok, dtype=cdt, device=hidden.device).index_copy(0, idx, lp_leaf)
+                ent_tok = None if not need_entropy else torch.zeros(
+                    n_tok, dtype=cdt, device=hidden.device).index_copy(0, idx, ent_leaf)
+                args = _slice_args(kwargs, s0, s1, t0, t1, packed, T, cu_seqlens)
+                shape = (n_tok,) if packed else (s1 - s0, T)
+                adv = None if advantages is None else (
+                    advantages[s0:s1] if adv_per_seq else _slice_tok(advantages, t0, t1, s0, s1, packed))
+                out = _policy_loss(**_loss_args(
+                    lp_tok.view(shape), adv, _slice_tok(loss_mask, t0, t1, s0, s1, packed), args.pop("cu_seqlens"),
+                    None if ent_tok is None else ent_tok.view(shape), args), norms=norms, check_inputs=False)
+                leaves = [lp_leaf] + ([ent_leaf] if need_entropy else [])
+                grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+            total += out.loss.detach()
+            g_lp = grads[0] if grads[0] is not None else torch.zeros_like(logp_c)
+            # dz = g_lp ([v == t] - p) - g_ent p (log p + ent), times 1/temperature
+            if need_entropy and grads[1] is not None:
+                dz = logq.add_(ent_c[:, None]).mul_(p).mul_(-grads[1][:, None])
+                dz.sub_(p.mul_(g_lp[:, None]))
+            else:
+                dz = p.mul_(-g_lp[:, None])
+            dz.scatter_add_(1, tgt[:, None], g_lp[:, None])
+            dz.mul_(inv_temp)
+            rows = idx + t0
+            dh.index_copy_(0, rows, dz @ w)
+            dw.addmm_(dz.T, h_c)
+            if db is not None:
+                db += dz.sum(0)
+            logp_all.index_copy_(0, rows, logp_c)
+            if need_entropy:
+                ent_all.index_copy_(0, rows, ent_c)
+            del z, logq, p, dz
+        return total, dh, dw, db
+
+    loss = _SinglePassLoss.apply(hidden, weight, head["bias"], run)
+    with torch.no_grad():                      # the metrics (and a whole-batch value) from the slices' log-probs
+        whole = _policy_loss(**_loss_args(logp_all.view(N_shape), advantages, loss_mask, cu_seqlens,
+                                          None if ent_all is None else ent_all.view(N_shape), loss_kwargs),
+                             check_inputs=False)
+    metrics = dict(whole.metrics)
+    metrics["loss"] = loss.detach()
+    return PolicyLossOutput(loss, metrics)
+
+
+def _slice_tok(x, t0, t1, s0, s1, packed):
+    return x[t0:t1] if packed else x[s0:s1]
+
+
+def _slice_args(kwargs, s0, s1, t0, t1, packed, T, cu_seqlens):
+    """The loss keyword arguments restricted to sequences ``[s0, s1)`` (tokens ``[t0, t1)`` when packed)."""
+    args = dict(kwargs)
+    for key in _PER_TOKEN:
+        if args.get(key) is not None:
+            args[key] = _slice_tok(args[key], t0, t1, s0, s1, packed)
+    for key in _PER_SEQ:
+        if args.get(key) is not None:
+            args[key] = args[key][s0:s1]
+    args["cu_seqlens"] = (cu_seqlens[s0:s1 + 1] - cu_seqlens[s0]) if packed else None
+    if "group_size" in args:
+        args["group_size"] = None if args.get("baseline") is not None else args["group_size"]
+    return args
