@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from . import chunked
-from .logprobs import _check_inputs, linear_logprobs
+from .logprobs import _check_inputs, _check_target_range, linear_logprobs
 from .losses import PolicyLossOutput, _Norms, _policy_loss, _PRESETS, _Layout, vstar
 
 __all__ = ["fused_policy_loss", "STRATEGIES"]
@@ -126,6 +126,8 @@ def fused_policy_loss(
     if strategy == "two_pass":
         logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
         return _policy_loss(**_loss_args(logp, advantages, loss_mask, cu_seqlens, ent, loss_kwargs))
+    if check_targets:
+        _check_target_range(targets, weight.shape[0], ignore_index)
     return _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head,
                         CHUNK_BUDGET if chunk_budget is None else int(chunk_budget), loss_kwargs)
 
