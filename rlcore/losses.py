@@ -376,7 +376,7 @@ def policy_loss(
             ``cu_seqlens`` is known good; nothing else here ever syncs.
 
     Metrics (detached 0-d tensors): ``loss``, ``num_tokens``, ``num_seqs``; clipped family: ``ratio_mean/min/max``,
-    ``clip_frac_low/high`` (where that bound binds), ``dual_clip_frac``, ``approx_kl_old`` (k3 of ``l - l_old``);
+    ``clip_frac_low/high`` (where that bound binds), ``dual_clip_frac``, ``approx_kl_old`` (k3 of the clamped ``l - l_old``);
     ``is_weight_mean`` with ``is_frac_truncated`` or ``is_frac_masked``; ``kl_ref_mean``; ``entropy_mean``;
     regression: ``seq_log_ratio_mean`` and ``target_mean`` (``r - b``).
 
@@ -652,8 +652,9 @@ def _policy_loss(
         lam = layout.seq_sum(torch.where(valid, l - anchor, 0.0))               # [B] Lam_i
         r = torch.where(nonempty, rewards, 0.0)
         if loss_type == "rebel":
-            lam2, r2 = lam.view(-1, 2), r.view(-1, 2)                            # [B/2, 2]
             pair_ok = n_seq.view(-1, 2).sum(-1) > 0                              # [B/2]
+            # a pair's rewards count even where one member has no loss token (its Lam is then 0)
+            lam2, r2 = lam.view(-1, 2), torch.where(pair_ok[:, None], rewards.view(-1, 2), 0.0)  # [B/2, 2]
             per = ((lam2[:, 0] - lam2[:, 1]) - eta * (r2[:, 0] - r2[:, 1])) ** 2
             pair_denom = pair_ok.sum() if norms is None else norms.num_pairs
             loss_reg = torch.where(pair_ok, per, 0.0).sum() / pair_denom.clamp(min=1)
@@ -685,11 +686,14 @@ def _policy_loss(
     # ---- metrics ------------------------------------------------------------------------------------------------
     if old is not None:
         d_old = l_sg - old
-        metrics["approx_kl_old"] = mmean(torch.exp(-d_old.clamp(-20.0, 20.0)) - 1.0 + d_old)
+        if log_ratio_clamp is not None:
+            d_old = d_old.clamp(-log_ratio_clamp, log_ratio_clamp)
+        metrics["approx_kl_old"] = mmean(torch.exp(-d_old) - 1.0 + d_old)
     if w_is is not None:
-        metrics["is_weight_mean"] = mmean(w_is)
+        n_loss = loss_tokens.sum().clamp(min=1)                   # rejected tokens count as weight 0
+        metrics["is_weight_mean"] = torch.where(loss_tokens, w_is, 0.0).sum() / n_loss
         key = "is_frac_truncated" if is_mode.endswith("truncate") else "is_frac_masked"
-        metrics[key] = (hit & loss_tokens).sum().to(cdt) / loss_tokens.sum().clamp(min=1)
+        metrics[key] = (hit & loss_tokens).sum().to(cdt) / n_loss
     if H is not None:
         metrics["entropy_mean"] = mmean(H.detach())
     metrics["num_tokens"] = n_tok.detach()
