@@ -21,6 +21,9 @@ that to enumerate the combinations for its parametrization.
 
 The combinations are enumerated from ``CONFIGS`` in ``rlcore.kernels.linear_logprobs`` and from the op's own
 precision mapping (``rlcore.logprobs.launched_modes``), so a config or mode added there is covered automatically.
+The segment reductions (``rlcore.kernels.segments``: ``_segment_sum_kernel`` and ``_segment_broadcast_kernel``) are
+compiled with their shipped ``CONFIGS`` for every value dtype in ``SEGMENT_VALUE_DTYPES`` and both offset dtypes
+(``cu_seqlens`` int32 / int64); they have no dot, so their records carry ``mode=None``.
 """
 
 from __future__ import annotations
@@ -122,8 +125,42 @@ _INT64_CHECKS = {
 }
 _KERNEL_FN = {"fwd": "_fwd_kernel", "dz": "_dz_kernel", "matmul": "_matmul_kernel"}
 
+# --- segment reductions (rlcore.kernels.segments) ---------------------------------------------------------------------
 
-def _kernels_module():
+# Value dtypes (x of the sum, s of the broadcast; the output has the same dtype) and cu_seqlens dtypes compiled: every
+# dtype the ops take. fp32 and bf16 are what the losses pass; fp64 is its own code path (the ACC_FP64 switch: a float64
+# accumulator). These builds take about 0.1 s each.
+SEGMENT_VALUE_DTYPES = ("fp32", "bf16", "fp16", "fp64")
+SEGMENT_OFFSET_DTYPES = ("i32", "i64")
+_SEGMENT_KERNELS = ("segment_sum", "segment_broadcast")
+_ARG_TYPES.update({
+    "segment_sum": {
+        "x_ptr": "*x", "cu_ptr": "*cu", "out_ptr": "*x", "N": "i32", "K": "i32",
+        "stride_xk": "i32", "stride_xn": "i32", "stride_ok": "i32", "stride_ob": "i32",
+    },
+    "segment_broadcast": {
+        "s_ptr": "*x", "cu_ptr": "*cu", "out_ptr": "*x", "N": "i32", "K": "i32", "B": "i32", "SEARCH_STEPS": "i32",
+        "stride_sk": "i32", "stride_sb": "i32", "stride_ok": "i32", "stride_on": "i32",
+    },
+})
+# Contiguous rows, as the ops produce and the losses pass them: x [K, N], out [K, B] / s [K, B], out [K, N].
+_SEGMENT_UNIT_STRIDES = {"segment_sum": {"stride_xn", "stride_ob"}, "segment_broadcast": {"stride_sb", "stride_on"}}
+# Row offsets k * stride reach K * N; the sum's token offsets come from cu_seqlens loads and must be int64 as well
+# (checked as "offsets into x that depend on a value loaded through cu_ptr").
+_INT64_CHECKS.update({
+    "segment_sum": {"x": ("x_ptr", "stride_xk"), "x:tokens": ("x_ptr", "cu_ptr"), "out": ("out_ptr", "stride_ok")},
+    "segment_broadcast": {"s": ("s_ptr", "stride_sk"), "out": ("out_ptr", "stride_ok")},
+})
+_KERNEL_FN.update(segment_sum="_segment_sum_kernel", segment_broadcast="_segment_broadcast_kernel")
+
+
+def _kernels_module(kernel: str = "fwd"):
+    """The module defining ``kernel``: ``rlcore.kernels.segments`` for the segment reductions, else
+    ``rlcore.kernels.linear_logprobs``."""
+    if kernel in _SEGMENT_KERNELS:
+        from rlcore.kernels import segments
+
+        return segments
     from rlcore.kernels import linear_logprobs
 
     return linear_logprobs
@@ -132,11 +169,14 @@ def _kernels_module():
 def job_id(job: dict) -> str:
     """A readable pytest id, e.g. ``matmul:dW-half[0]-128x128x64-w8s3-bf16+bf16-native-sm80``."""
     c = job["config"]
-    mode = job["mode"]["dot_precision"] if job["mode"]["cast_fp32"] else "native"
+    if job["mode"] is None:  # no dot: e.g. ``segment_sum-default[0]-1x1024-w4s1-bf16+i64-sm80`` (values + offsets)
+        mode = ""
+    else:
+        mode = "-" + (job["mode"]["dot_precision"] if job["mode"]["cast_fp32"] else "native")
     name = job["kernel"] if job["role"] == job["kernel"] else f"{job['kernel']}:{job['role']}"
     blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK_"))
     return (f"{name}-{job['table']}[{job['index']}]-{blocks}-w{c['num_warps']}s{c['num_stages']}"
-            f"-{job['inputs'][0]}+{job['inputs'][1]}-{mode}-sm{job['arch']}")
+            f"-{job['inputs'][0]}+{job['inputs'][1]}{mode}-sm{job['arch']}")
 
 
 def enumerate_jobs(archs=ARCHS) -> list[dict]:
@@ -171,6 +211,28 @@ def enumerate_jobs(archs=ARCHS) -> list[dict]:
                         seen.add(binary)
                         job["id"] = job_id(job)
                         jobs.append(job)
+    return jobs + _segment_jobs(archs)
+
+
+def _segment_jobs(archs) -> list[dict]:
+    """The segment reductions: each kernel's shipped config x value dtype x offset dtype x arch."""
+    import dataclasses
+
+    module = _kernels_module("segment_sum")
+    jobs = []
+    for kernel in _SEGMENT_KERNELS:
+        cfg = module.CONFIGS[kernel]
+        for value in SEGMENT_VALUE_DTYPES:
+            for offsets in SEGMENT_OFFSET_DTYPES:
+                for arch in archs:
+                    job = dict(
+                        kernel=kernel, role=kernel, table="default", index=0, config=dataclasses.asdict(cfg),
+                        inputs=(value, offsets), dtypes={"x": value, "cu": offsets},
+                        constexprs={"ACC_FP64": value == "fp64"} if kernel == "segment_sum" else {},
+                        unit_strides=sorted(_SEGMENT_UNIT_STRIDES[kernel]), mode=None, arch=arch,
+                    )
+                    job["id"] = job_id(job)
+                    jobs.append(job)
     return jobs
 
 
@@ -263,17 +325,18 @@ def compile_job(job: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = _kernels_module()
+    module = _kernels_module(job["kernel"])
     fn = getattr(module, _KERNEL_FN[job["kernel"]])
     dtype = job["dtypes"]
     arg_types = _ARG_TYPES[job["kernel"]]
 
     blocks = {k: v for k, v in job["config"].items() if k not in ("num_warps", "num_stages")}
+    mode = {} if job["mode"] is None else dict(
+        CAST_FP32=job["mode"]["cast_fp32"], DOT_PRECISION=job["mode"]["dot_precision"])
     constexprs = dict(
         {name: 1 for name in job["unit_strides"]},
         HAS_BIAS=True, HAS_GRAD_ENT=True,  # the superset of code paths
-        CAST_FP32=job["mode"]["cast_fp32"], DOT_PRECISION=job["mode"]["dot_precision"], UPCAST=False,
-        ROUND_BF16=False, **job["constexprs"], **blocks,
+        UPCAST=False, ROUND_BF16=False, **mode, **job["constexprs"], **blocks,
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -332,8 +395,9 @@ def run(jobs: list[dict], workers: int = 2) -> list[dict]:
         # spawn: fresh interpreters, no state forked from a parent that imported torch/triton
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
-            # backward builds are the slowest: start them first so the two workers finish together
-            order = sorted(range(len(jobs)), key=lambda i: jobs[i]["kernel"] == "fwd")
+            # backward builds are the slowest: start them first so the two workers finish together; the small
+            # segment kernels go last
+            order = sorted(range(len(jobs)), key=lambda i: (jobs[i]["mode"] is None, jobs[i]["kernel"] == "fwd"))
             results = dict(zip(order, pool.map(compile_job, [jobs[i] for i in order])))
         return [results[i] for i in range(len(jobs))]
     finally:

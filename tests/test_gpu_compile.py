@@ -9,7 +9,8 @@ tensor cores. ``tests/gpu_compile_check.py`` compiles each ``(kernel, config, dt
 
 The compiles run in a subprocess because this pytest session sets ``TRITON_INTERPRET=1`` (no CUDA), under which
 ``@triton.jit`` yields interpreter objects that cannot be compiled. The combinations are enumerated from
-``CONFIGS`` and the op's launched modes, so a newly added config or mode is covered with no change here.
+``CONFIGS`` and the op's launched modes (for the segment reductions: their ``CONFIGS`` times the value and offset
+dtypes), so a newly added config or mode is covered with no change here.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _load_check_module():
 CHECK = _load_check_module()
 JOBS = CHECK.enumerate_jobs()
 IDS = [job["id"] for job in JOBS]
+DOT_IDS = [job["id"] for job in JOBS if job["mode"] is not None]  # the segment reductions have no dot (mode None)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,10 @@ def _compiled(records: dict, job_id: str) -> dict:
 def test_every_combination_was_compiled(records):
     assert sorted(records) == sorted(IDS)
     assert {job["arch"] for job in JOBS} == set(CHECK.ARCHS)
+    # both segment kernels, with fp32 and bf16 values and int32 and int64 offsets, on every architecture
+    segments = {(job["kernel"], *job["inputs"], job["arch"]) for job in JOBS if job["mode"] is None}
+    assert {(k, v, o, a) for k in ("segment_sum", "segment_broadcast") for v in ("fp32", "bf16")
+            for o in ("i32", "i64") for a in CHECK.ARCHS} <= segments
 
 
 @pytest.mark.parametrize("job_id", IDS)
@@ -84,7 +90,7 @@ def test_shared_memory_fits(records, job_id):
     )
 
 
-@pytest.mark.parametrize("job_id", IDS)
+@pytest.mark.parametrize("job_id", DOT_IDS)
 def test_uses_tensor_cores(records, job_id):
     """bf16/fp16 and tf32/tf32x3 dots must lower to tensor-core instructions: warp-group ``wgmma`` (or warp-level
     ``mma.sync``) on sm_90, ``mma.sync`` on sm_80. An FMA fallback would still be correct, just many times slower."""
@@ -106,7 +112,8 @@ def test_row_offsets_are_int64(records, job_id):
     at 256k tokens (or a 256k vocabulary) with H = 8192, where an int32 product wraps and addresses out of bounds. The
     check reads the TTIR: every ``tt.addptr`` on a pointer derived from the argument, whose offset depends on the
     row stride (``stride_hn`` / ``stride_wv``; ``H`` for the contiguous dh / dW), must have an ``i64`` offset type,
-    and there must be at least one (see ``gpu_compile_check.int64_row_offsets``).
+    and there must be at least one (see ``gpu_compile_check.int64_row_offsets``). The segment reductions likewise:
+    row offsets ``k * stride`` (``K N`` elements), and the sum's token offsets, which come from ``cu_seqlens``.
     """
     record = _compiled(records, job_id)
     int32 = sorted(name for name, ok in record["int64_offsets"].items() if not ok)
