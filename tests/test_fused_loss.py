@@ -225,3 +225,46 @@ def test_errors():
                                  reject=True, strategy="single_pass")
     with pytest.raises(ValueError, match="loss_type"):
         rlcore.fused_policy_loss(h, w, t, adv, m, old_logp=old, loss_type="grpo++")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_policy_loss_compiles_fullgraph(packed):
+    """``policy_loss`` traces into one graph on both layouts (the packed sequence sums are ``rlcore::`` ops)."""
+    batch = make_batch(3, 5, 8, 20, packed=packed, seed=4, dtype=torch.float32)
+    lp = batch["old_logp"].detach().clone().requires_grad_()
+    args = dict(old_logp=batch["old_logp"] + 0.05, cu_seqlens=batch.get("cu_seqlens"), check_inputs=False,
+                loss_type="gspo", is_mode="sequence_truncate", sampler_logp=batch["sampler_logp"], beta=0.1,
+                ref_logp=batch["ref_logp"], eps_low=0.2, eps_high=0.2)
+
+    def f(logp, adv, mask):
+        return rlcore.policy_loss(logp, adv, mask, **args).loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    want = f(lp, batch["advantages"], batch["mask"])
+    got = compiled(lp, batch["advantages"], batch["mask"])
+    torch.testing.assert_close(got, want)
+    (g1,) = torch.autograd.grad(want, lp)
+    (g2,) = torch.autograd.grad(got, lp)
+    torch.testing.assert_close(g2, g1)
+    assert g1.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist on CUDA")
+@pytest.mark.parametrize("loss_type", ["gspo", "apo", "cispo"])
+def test_packed_policy_loss_does_not_sync(loss_type):
+    """On CUDA the packed loss (forward and backward) runs with no host sync once ``check_inputs=False``."""
+    batch = make_batch(4, 6, 8, 20, packed=True, seed=6, dtype=torch.float32)
+    lp = batch["old_logp"].detach().clone().requires_grad_()
+    kw = loss_args(batch, loss_type)
+    kw.pop("rewards", None)
+    if loss_type == "apo":
+        kw.update(rewards=batch["rewards"], baseline=batch["baseline"])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = rlcore.policy_loss(lp, batch["advantages"], batch["mask"], check_inputs=False, **kw)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(lp.grad).all()
