@@ -2,11 +2,28 @@
 its bare-GEMM floor and FLOP count, and checks outputs against the float64 reference.
 
 Cases:
-    fwd      log-probs only, under ``torch.no_grad`` (a reference model's or a rollout's log-probs): 1 head GEMM.
-    fwd_bwd  log-probs and entropy, forward and backward, upstream gradients on both (a policy-gradient step with an
-             entropy term): 3 head GEMMs (logits, dh, dW).
+    fwd         log-probs only, under ``torch.no_grad`` (a reference model's or a rollout's log-probs): 1 head GEMM.
+    fwd_bwd     log-probs and entropy, forward and backward, upstream gradients on both (a policy-gradient step with
+                an entropy term): 3 head GEMMs (logits, dh, dW).
+    loss_gspo   an RL policy loss end to end, forward and backward to hidden and weight, on a padded batch of
+    loss_cispo  ``B`` sequences x ``T`` tokens (the first quarter of each is prompt, masked out): GSPO, CISPO and
+    loss_apo    APO (``rlcore.policy_loss``'s presets), which reach the log-probs per sequence, per token and through
+                a squared regression. 3 head GEMMs (logits, dh, dW) over all ``N = B T`` rows.
 
-All loss math comes from ``rlcore.reference`` (ground truth, eager baseline) or from the provider under test.
+All log-prob math comes from ``rlcore.reference`` (ground truth, eager baseline) or from the provider under test; all
+loss math from ``rlcore.policy_loss`` (the reference composition, in float64 for the ground truth) or from the
+provider's ``rlcore.fused_policy_loss``.
+
+Error columns:
+    fwd, fwd_bwd  ``err_logp``, ``err_entropy``, ``err_dh``: max abs error on the first ``SAMPLE_ROWS`` rows.
+    loss_*        ``err_loss``: abs error of the scalar loss against the float64 loss of the whole batch;
+                  ``err_dh``: max abs error of ``dh`` on the first ``SAMPLE_ROWS`` loss rows (prompt rows, where every
+                  provider's ``dh`` is 0, are not sampled). ``err_logp`` and ``err_entropy`` are empty: a loss
+                  provider returns the loss, not per-token log-probs. The float64 truth is exact for the whole batch:
+                  ``rlcore.reference`` in float64 gives every row's log-prob (in blocks of rows, no ``[N, V]``
+                  buffer), ``rlcore.policy_loss`` in float64 gives the loss and its gradient ``g`` w.r.t. each
+                  log-prob, and a sampled row's ``dh`` is ``g`` times that row's log-prob gradient (a row's log-prob
+                  depends on that row and the weight alone).
 """
 
 from __future__ import annotations
@@ -16,11 +33,13 @@ from typing import Callable, Optional, Union
 
 import torch
 
+import rlcore
 from rlcore.reference import linear_logprobs_reference
 
 from .shapes import Shape
 
-__all__ = ["Inputs", "Outputs", "LogprobsFn", "Case", "CASES", "SAMPLE_ROWS", "FLOP_CONVENTION"]
+__all__ = ["Inputs", "Outputs", "LogprobsFn", "LossFn", "Case", "PolicyLoss", "CASES", "SAMPLE_ROWS",
+           "FLOP_CONVENTION", "loss_layout"]
 
 # Rows checked against the float64 reference: the reference is computed on these rows only, so it stays cheap at
 # any N (each row's log-prob, entropy and dh depend on that row and the weight alone).
@@ -32,29 +51,58 @@ LOGIT_STD = 2.0
 
 FLOP_CONVENTION = (
     "TFLOP/s = gemms * 2*N*H*V / median time, counting only the head GEMMs the case needs "
-    "(fwd: 1, the logits; fwd_bwd: 3, the logits, dh and dW). Extra work a provider does (rlcore's recomputed logits "
-    "in backward, softmax and exp) is not counted, so every provider is credited with the same work."
+    "(fwd: 1, the logits; fwd_bwd and loss_*: 3, the logits, dh and dW, over all N rows, prompt rows included). "
+    "Extra work a provider does (rlcore's recomputed logits in backward, softmax and exp) is not counted, and work it "
+    "skips (rlcore's fused loss drops the prompt rows, a quarter of N, before any GEMM) is not deducted, so every "
+    "provider is credited with the same work and a provider that skips rows can beat the floor."
 )
+
+# The loss cases' padded batches: sequences of LOSS_SEQ_LEN tokens, at least MIN_LOSS_SEQS of them.
+# - 1024 tokens is a short RL completion, and at V = 32000 one sequence's 768 loss tokens fit the single-pass fused
+#   loss's default slice (rlcore.fused.CHUNK_BUDGET = 2^25 logits: 1048 rows of 32000), so rlcore-1pass runs with the
+#   default budget on the CPU head.
+# - At least 4 sequences, so that GSPO's per-sequence ratio, APO's per-sequence regression and the batch-wide
+#   denominators always see several sequences (small N gets shorter sequences instead: N = 1024 is 4 x 256).
+# N = B * T exactly: when N is not a multiple of that T, T is the largest divisor of N below it.
+LOSS_SEQ_LEN = 1024
+MIN_LOSS_SEQS = 4
+# Standard deviation of the noise between the float64 log-probs and the old / reference log-probs the loss cases are
+# given: token ratios exp(l - l_old) of about 1 +- 0.1. It exercises the ratios; the clipped fractions it gives are not
+# meant to be realistic (most sequences' mean ratio falls outside GSPO's tight 3e-4/4e-4 band, and the clip binds
+# where the advantage's sign matches, ~1/4 of them at N = 2048; CISPO's 1.28 bound clips ~1% of the tokens).
+LOGP_NOISE = 0.1
 
 # (hidden [N, H], weight [V, H], targets [N], return_entropy) -> logp [N], or (logp [N], entropy [N])
 LogprobsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool],
                       Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
 
+# (hidden [B, T, H], weight [V, H], targets [B, T], advantages [B] | None, mask [B, T], loss_kwargs) -> loss (0-d);
+# loss_kwargs are rlcore.policy_loss's keywords (loss_type, old_logp, ...)
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, dict],
+                  torch.Tensor]
+
 
 @dataclass
 class Inputs:
-    hidden: torch.Tensor                          # [N, H], requires grad in fwd_bwd
-    weight: torch.Tensor                          # [V, H], requires grad in fwd_bwd
-    targets: torch.Tensor                         # [N] int64
+    hidden: torch.Tensor                          # [N, H] ([B, T, H] in loss_*), requires grad in fwd_bwd and loss_*
+    weight: torch.Tensor                          # [V, H], requires grad in fwd_bwd and loss_*
+    targets: torch.Tensor                         # [N] ([B, T] in loss_*) int64
     grad_logp: Optional[torch.Tensor] = None      # [N] fp32, upstream gradient of logp (fwd_bwd)
     grad_entropy: Optional[torch.Tensor] = None   # [N] fp32, upstream gradient of the entropy (fwd_bwd)
+    # loss_* only
+    advantages: Optional[torch.Tensor] = None     # [B] fp32 (None for the regression losses)
+    mask: Optional[torch.Tensor] = None           # [B, T] bool: False on the prompt
+    loss_kwargs: Optional[dict] = None            # rlcore.policy_loss keywords: loss_type, old_logp [B, T], ...
+    logp64: Optional[torch.Tensor] = None         # [N] float64 log-prob of every row (for the ground truth)
 
 
 @dataclass
 class Outputs:
-    logp: torch.Tensor                            # [N]
+    logp: Optional[torch.Tensor] = None           # [N]
     entropy: Optional[torch.Tensor] = None        # [N]
-    dh: Optional[torch.Tensor] = None             # [N, H]
+    dh: Optional[torch.Tensor] = None             # [N, H] (or [B, T, H])
+    loss: Optional[torch.Tensor] = None           # 0-d (loss_*)
+    rows: Optional[torch.Tensor] = None           # ground truth only: the flat row indices ``dh`` was computed on
 
 
 def _max_abs_err(x: Optional[torch.Tensor], truth: Optional[torch.Tensor]) -> Optional[float]:
@@ -63,23 +111,46 @@ def _max_abs_err(x: Optional[torch.Tensor], truth: Optional[torch.Tensor]) -> Op
     return (x[: truth.shape[0]].double() - truth).abs().max().item()
 
 
+def _random_head(shape: Shape, N: int, g: torch.Generator):
+    """``hidden [N, H]``, ``weight [V, H]`` (logits of standard deviation ``LOGIT_STD``), uniform ``targets [N]``."""
+    hidden = torch.randn(N, shape.H, generator=g)                                       # [N, H]
+    weight = torch.randn(shape.V, shape.H, generator=g) * (LOGIT_STD / shape.H ** 0.5)  # [V, H]
+    targets = torch.randint(0, shape.V, (N,), generator=g)                              # [N]
+    return hidden, weight, targets
+
+
+def _three_gemms(h: torch.Tensor, w: torch.Tensor) -> Callable[[], None]:
+    """The bare GEMMs of a forward and backward through the head: logits, dh, dW."""
+    def gemms():
+        with torch.no_grad():
+            z = torch.matmul(h, w.T)          # [N, V] logits
+            torch.matmul(z, w)                # [N, H] dh  (z stands in for d logits: same shape and dtype)
+            torch.matmul(z.T, h)              # [V, H] dW
+    return gemms
+
+
 class Case:
-    """One benchmarked computation. Subclasses set ``name``, ``gemms``, ``needs_grad`` and ``_run``."""
+    """One benchmarked computation. Subclasses set ``name``, ``gemms``, ``needs_grad`` and ``_run``.
+
+    ``is_loss``: the timed call takes a ``LossFn`` (a provider's ``loss_fn``) instead of a ``LogprobsFn``."""
 
     name: str
     gemms: int             # head GEMMs of 2*N*H*V FLOPs the computation needs (the FLOP convention)
     needs_grad: bool
     description: str
+    is_loss = False
 
     def flops(self, shape: Shape, N: int) -> int:
         return self.gemms * 2 * N * shape.H * shape.V
 
+    def err_rows(self, N: int) -> int:
+        """How many rows the error columns are measured on."""
+        return min(SAMPLE_ROWS, N)
+
     def make_inputs(self, shape: Shape, N: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
         """Random inputs whose logits have standard deviation ``LOGIT_STD``; uniform targets."""
         g = torch.Generator(device="cpu").manual_seed(seed)
-        hidden = torch.randn(N, shape.H, generator=g)                                       # [N, H]
-        weight = torch.randn(shape.V, shape.H, generator=g) * (LOGIT_STD / shape.H ** 0.5)  # [V, H]
-        targets = torch.randint(0, shape.V, (N,), generator=g)                              # [N]
+        hidden, weight, targets = _random_head(shape, N, g)
         inp = Inputs(
             hidden=hidden.to(device=device, dtype=dtype).requires_grad_(self.needs_grad),
             weight=weight.to(device=device, dtype=dtype).requires_grad_(self.needs_grad),
@@ -150,14 +221,7 @@ class ForwardBackward(Case):
         return Outputs(logp=logp.detach(), entropy=ent.detach(), dh=dh)
 
     def floor(self, inp):
-        h, w = inp.hidden.detach(), inp.weight.detach()
-
-        def gemms():
-            with torch.no_grad():
-                z = torch.matmul(h, w.T)          # [N, V] logits
-                torch.matmul(z, w)                # [N, H] dh  (z stands in for d logits: same shape and dtype)
-                torch.matmul(z.T, h)              # [V, H] dW
-        return gemms
+        return _three_gemms(inp.hidden.detach(), inp.weight.detach())
 
     def ground_truth(self, inp, rows=SAMPLE_ROWS):
         h = inp.hidden[:rows].detach().double().requires_grad_(True)                          # [S, H]
@@ -168,4 +232,109 @@ class ForwardBackward(Case):
         return Outputs(logp=logp.detach(), entropy=ent.detach(), dh=dh)
 
 
-CASES: dict[str, Case] = {c.name: c for c in (Forward(), ForwardBackward())}
+def loss_layout(N: int) -> tuple[int, int, int]:
+    """``(B, T, P)`` of the loss cases' padded batch of ``N`` tokens: ``B`` sequences of ``T`` tokens, the first ``P``
+    of each prompt (see ``LOSS_SEQ_LEN``)."""
+    T = max(1, min(LOSS_SEQ_LEN, N // MIN_LOSS_SEQS))
+    while N % T:
+        T -= 1
+    return N // T, T, T // 4
+
+
+def _logp64(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Float64 log-probs of every row (``rlcore.reference``), in blocks of rows of at most 2^25 logits, so no
+    ``[N, V]`` buffer exists. ``hidden [N, H]``, ``weight [V, H]``, ``targets [N]`` -> ``[N]`` float64."""
+    w = weight.detach().double()                                      # [V, H], cast once
+    step = max(1, 2**25 // w.shape[0])
+    with torch.no_grad():
+        return torch.cat([linear_logprobs_reference(hidden[s:s + step].detach().double(), w, targets[s:s + step],
+                                                    compute_dtype=torch.float64)
+                          for s in range(0, hidden.shape[0], step)])
+
+
+class PolicyLoss(Case):
+    """``rlcore.policy_loss(loss_type=...)`` on the head's log-probs, forward and backward to hidden and weight.
+
+    Inputs: ``hidden [B, T, H]``, ``targets`` and ``mask [B, T]`` (``loss_layout``: prompt = the first quarter of each
+    sequence, masked out; the rest are loss tokens, no padding), ``advantages [B] ~ N(0, 1)``; the old (``gspo``,
+    ``cispo``) or reference (``apo``) log-probs are the float64 log-probs plus ``N(0, LOGP_NOISE)`` noise, in FP32;
+    ``apo`` gets 0/1 rewards ``[B]`` and a baseline of 0.5 ``[B]``. The timed call is the provider's loss and
+    ``torch.autograd.grad`` of it w.r.t. ``hidden`` and ``weight``.
+    """
+
+    gemms = 3
+    needs_grad = True
+    is_loss = True
+
+    def __init__(self, loss_type: str):
+        self.loss_type = loss_type
+        self.name = f"loss_{loss_type}"
+        self.description = f"rlcore.policy_loss(loss_type={loss_type!r}), forward and backward to hidden and weight"
+
+    def err_rows(self, N):
+        B, T, P = loss_layout(N)
+        return min(SAMPLE_ROWS, B * (T - P))
+
+    def make_inputs(self, shape, N, dtype, device, seed=0):
+        B, T, P = loss_layout(N)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        hidden, weight, targets = _random_head(shape, N, g)           # the same draws as fwd_bwd at this N
+        hidden = hidden.to(device=device, dtype=dtype)                # [N, H]
+        weight = weight.to(device=device, dtype=dtype)                # [V, H]
+        targets = targets.to(device)                                  # [N]
+        logp64 = _logp64(hidden, weight, targets)                     # [N], of the inputs as rounded to dtype
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[:, :P] = False                                           # [B, T] the prompt
+        advantages = torch.randn(B, generator=g)                      # [B]
+        anchor = logp64.cpu().view(B, T) + LOGP_NOISE * torch.randn(B, T, generator=g, dtype=torch.float64)
+        kwargs: dict = {"loss_type": self.loss_type}
+        if self.loss_type == "apo":
+            kwargs.update(ref_logp=anchor.float().to(device),
+                          rewards=torch.randint(0, 2, (B,), generator=g).float().to(device),
+                          baseline=torch.full((B,), 0.5, device=device))
+            advantages = None
+        else:
+            kwargs.update(old_logp=anchor.float().to(device))
+        return Inputs(
+            hidden=hidden.view(B, T, shape.H).requires_grad_(True), weight=weight.requires_grad_(True),
+            targets=targets.view(B, T), advantages=None if advantages is None else advantages.to(device),
+            mask=mask.to(device), loss_kwargs=kwargs, logp64=logp64,
+        )
+
+    def _run(self, fn, inp):
+        loss = fn(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask, inp.loss_kwargs)
+        dh, _dw = torch.autograd.grad(loss, (inp.hidden, inp.weight))                      # [B, T, H], [V, H]
+        return Outputs(loss=loss.detach(), dh=dh)
+
+    def floor(self, inp):
+        return _three_gemms(inp.hidden.detach().reshape(-1, inp.hidden.shape[-1]), inp.weight.detach())
+
+    def ground_truth(self, inp, rows=SAMPLE_ROWS):
+        """The float64 loss of the whole batch, and ``dh`` on its first ``rows`` loss rows (see the module
+        docstring)."""
+        B, T = inp.targets.shape
+        H = inp.hidden.shape[-1]
+        lp = inp.logp64.view(B, T).clone().requires_grad_(True)                             # [B, T] float64
+        kw = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inp.loss_kwargs.items()}
+        adv = None if inp.advantages is None else inp.advantages.double()
+        loss = rlcore.policy_loss(lp, adv, inp.mask, **kw).loss
+        (g_lp,) = torch.autograd.grad(loss, (lp,))                                        # [B, T] d loss / d logp
+        sel = inp.mask.reshape(-1).nonzero().squeeze(1)[:rows]                              # [S] loss rows
+        h = inp.hidden.detach().reshape(-1, H).index_select(0, sel).double().requires_grad_(True)   # [S, H]
+        logp = linear_logprobs_reference(h, inp.weight.detach(), inp.targets.reshape(-1).index_select(0, sel),
+                                         compute_dtype=torch.float64)                       # [S]
+        (dh,) = torch.autograd.grad(logp, (h,), (g_lp.reshape(-1).index_select(0, sel),))  # [S, H]
+        return Outputs(loss=loss.detach(), dh=dh, rows=sel)
+
+    def errors(self, out, truth):
+        dh = out.dh.reshape(-1, out.dh.shape[-1]).index_select(0, truth.rows)              # [S, H]
+        return {
+            "err_loss": (out.loss.double() - truth.loss).abs().item(),
+            "err_dh": (dh.double() - truth.dh).abs().max().item() if truth.rows.numel() else None,
+        }
+
+
+LOSS_TYPES = ("gspo", "cispo", "apo")
+
+CASES: dict[str, Case] = {c.name: c for c in (Forward(), ForwardBackward(),
+                                                *(PolicyLoss(t) for t in LOSS_TYPES))}

@@ -51,10 +51,11 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark rlcore's linear log-probs.",
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark rlcore's linear log-probs and fused policy losses.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a small subset, timed briefly (CPU: ~3 min on a 2-core box, most of it N=8192 fwd_bwd)")
+                   help="a small subset, timed briefly (CPU: ~4-5 min on a 2-core box, most of it N=8192 fwd_bwd and "
+                        "the three N=2048 policy losses)")
     p.add_argument("--only", type=_list(list(CASES)), default=tuple(CASES), metavar="CASE[,CASE]",
                    help=f"cases to run (default: all of {', '.join(CASES)})")
     p.add_argument("--shapes", type=_list(list(SHAPES)), default=None, metavar="NAME[,NAME]",
@@ -111,7 +112,11 @@ def main(argv=None) -> int:
         env, argv=sys.argv[1:] if argv is None else list(argv), config={
             **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}, "device": str(device)},
         timing_policy=dataclasses.asdict(TimingPolicy.for_run(args.quick)), flop_convention=FLOP_CONVENTION,
-        error_convention=f"max abs error against rlcore.reference in float64, on the first {SAMPLE_ROWS} rows",
+        error_convention=(
+            f"max abs error against rlcore.reference in float64, on the first {SAMPLE_ROWS} rows (fwd, fwd_bwd: "
+            f"err_logp, err_entropy, err_dh); loss_*: err_loss = abs error of the scalar loss against the float64 "
+            f"reference composition (rlcore.reference -> rlcore.policy_loss) on the whole batch, err_dh on its "
+            f"first {SAMPLE_ROWS} loss rows"),
         logit_std=LOGIT_STD, threads=torch.get_num_threads(),
     )
     groups = plan(cfg)

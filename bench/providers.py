@@ -2,11 +2,21 @@
 
     gemm-floor     the case's bare ``torch.matmul`` GEMMs, no softmax: the time every fused figure is divided by
     reference      ``rlcore.reference`` eagerly, in the input dtype: materialised ``[N, V]`` logits, what trainers do
-    compile        the same reference under ``torch.compile`` (Inductor fuses the softmax, still materialises)
-    rlcore-torch   ``rlcore.linear_logprobs(backend="torch")``: the chunked PyTorch path
-    rlcore-triton  ``rlcore.linear_logprobs(backend="triton")``: the fused kernels (CUDA only)
+                   (loss cases: then ``rlcore.policy_loss`` on the ``[B, T]`` log-probs)
+    compile        the same reference (and loss) under ``torch.compile`` (Inductor fuses the softmax, still
+                   materialises)
+    rlcore-torch   ``rlcore.linear_logprobs(backend="torch")``: the chunked PyTorch path; loss cases:
+                   ``rlcore.fused_policy_loss(strategy="two_pass", backend="torch")``, that same path composed with
+                   ``policy_loss``, after dropping the rows no loss term reads (the prompt)
+    rlcore-1pass   loss cases only: ``rlcore.fused_policy_loss(strategy="single_pass", backend="torch")``, one pass
+                   over slices of whole sequences (3 GEMMs instead of 4), the slice budget widened past the default
+                   when one sequence's loss tokens x V would not fit it
+    rlcore-triton  ``rlcore.linear_logprobs(backend="triton")``: the fused kernels (CUDA only); loss cases:
+                   ``rlcore.fused_policy_loss(strategy="two_pass", backend="triton")``
 
-New providers (peers such as Liger or Cut Cross-Entropy) subclass ``LogprobsProvider`` and join ``PROVIDERS``.
+New providers (peers such as Liger or Cut Cross-Entropy) subclass ``LogprobsProvider`` and join ``PROVIDERS``. A
+``LogprobsProvider`` runs the loss cases as its log-probs composed with ``rlcore.policy_loss`` unless it overrides
+``loss_fn``; a provider that applies to some cases only says why in ``not_for``.
 """
 
 from __future__ import annotations
@@ -20,9 +30,10 @@ from typing import Callable, Optional
 import torch
 
 import rlcore
+from rlcore.fused import CHUNK_BUDGET
 from rlcore.reference import linear_logprobs_reference
 
-from .cases import Case, Inputs, LogprobsFn
+from .cases import Case, Inputs, LogprobsFn, LossFn, loss_layout
 from .shapes import Shape
 
 __all__ = ["Context", "Provider", "LogprobsProvider", "PROVIDERS"]
@@ -64,6 +75,10 @@ class Provider:
         """Why this provider cannot run on this machine at all, or ``None``."""
         return None
 
+    def not_for(self, case: Case) -> Optional[str]:
+        """Why this provider does not compute ``case``, or ``None``."""
+        return None
+
     def wont_fit(self, ctx: Context, case: Case, shape: Shape, N: int) -> Optional[str]:
         """Why this provider would not fit in memory at this size, or ``None``."""
         copies = self.logits_copies.get(case.name, 0.0)
@@ -77,20 +92,44 @@ class Provider:
         raise NotImplementedError
 
 
+def _compose(logprobs_fn: LogprobsFn) -> LossFn:
+    """A loss from a log-probs function: the log-probs of every row, then ``rlcore.policy_loss``."""
+    def loss_fn(hidden, weight, targets, advantages, mask, kwargs):
+        logp = logprobs_fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), False)   # [N]
+        return rlcore.policy_loss(logp.view(targets.shape), advantages, mask, **kwargs).loss
+    return loss_fn
+
+
+def _fused(**options) -> LossFn:
+    """``rlcore.fused_policy_loss`` with ``options`` (strategy, backend, chunk_budget)."""
+    def loss_fn(hidden, weight, targets, advantages, mask, kwargs):
+        return rlcore.fused_policy_loss(hidden, weight, targets, advantages, mask, **options, **kwargs).loss
+    return loss_fn
+
+
 class LogprobsProvider(Provider):
     """A provider given by a log-probs function; the case turns it into the timed call."""
 
     def logprobs_fn(self) -> LogprobsFn:
         raise NotImplementedError
 
+    def loss_fn(self, case: Case, inp: Inputs) -> LossFn:
+        """The loss of the ``loss_*`` cases: by default, this provider's log-probs then ``rlcore.policy_loss``."""
+        return _compose(self.logprobs_fn())
+
     def build(self, case, inp):
-        return case.call(self.logprobs_fn(), inp)
+        return case.call(self.loss_fn(case, inp) if case.is_loss else self.logprobs_fn(), inp)
+
+
+# Every loss case's name, for the logits_copies tables.
+_LOSS_CASES = ("loss_gspo", "loss_cispo", "loss_apo")
 
 
 class GemmFloor(Provider):
     name = "gemm-floor"
     has_outputs = False
-    logits_copies = {"fwd": 1.0, "fwd_bwd": 1.1}   # the [N, V] GEMM output (half-size in bf16, counted at 4 bytes)
+    # the [N, V] GEMM output (half-size in bf16, counted at 4 bytes)
+    logits_copies = {"fwd": 1.0, "fwd_bwd": 1.1, **{c: 1.1 for c in _LOSS_CASES}}
 
     def build(self, case, inp):
         return case.floor(inp)
@@ -104,8 +143,9 @@ def _eager_reference(hidden, weight, targets, return_entropy):
 class Reference(LogprobsProvider):
     name = "reference"
     # Measured on CPU in fp32 (cpu-small, N = 8192): fwd 2.0 (logits, log-softmax), fwd_bwd 5.0 (saved log-softmax,
-    # exp, product, gradients); a margin on top for bf16's extra FP32 copy of the logits.
-    logits_copies = {"fwd": 3.0, "fwd_bwd": 6.0}
+    # exp, product, gradients); loss_* 3.0 (N = 2048: no entropy); a margin on top for bf16's extra FP32 copy of the
+    # logits.
+    logits_copies = {"fwd": 3.0, "fwd_bwd": 6.0, **{c: 4.0 for c in _LOSS_CASES}}
 
     def logprobs_fn(self):
         return _eager_reference
@@ -115,7 +155,7 @@ class Compiled(LogprobsProvider):
     name = "compile"
     compiles = True
     # Inductor fuses the softmax chain: measured on CPU in fp32 (tiny) at 0.5x (fwd) and 0.6x (fwd_bwd) the eager peak.
-    logits_copies = {"fwd": 1.5, "fwd_bwd": 4.0}
+    logits_copies = {"fwd": 1.5, "fwd_bwd": 4.0, **{c: 4.0 for c in _LOSS_CASES}}
 
     def unavailable(self, ctx):
         if ctx.device.type == "cpu":
@@ -129,12 +169,46 @@ class Compiled(LogprobsProvider):
         torch._dynamo.reset()    # a fresh compile per (case, shape, N, dtype): no recompile-limit surprises
         return torch.compile(_eager_reference, dynamic=False)
 
+    def loss_fn(self, case, inp):
+        torch._dynamo.reset()
+        return torch.compile(_compose(_eager_reference), dynamic=False)    # the whole composition, loss included
+
 
 class RlcoreTorch(LogprobsProvider):
     name = "rlcore-torch"
 
     def logprobs_fn(self):
         return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="torch")
+
+    def loss_fn(self, case, inp):
+        return _fused(strategy="two_pass", backend="torch")
+
+
+class Rlcore1Pass(Provider):
+    name = "rlcore-1pass"
+
+    def not_for(self, case):
+        if not case.is_loss:
+            return "single_pass is a strategy of rlcore.fused_policy_loss: runs in the loss_* cases only"
+        return None
+
+    @staticmethod
+    def chunk_budget(V: int, N: int) -> int:
+        """The default slice budget, or one sequence's loss tokens x V where that is larger."""
+        _B, T, P = loss_layout(N)
+        return max(CHUNK_BUDGET, (T - P) * V)
+
+    def wont_fit(self, ctx, case, shape, N):
+        # A slice's [C, V] FP32 logits, reused in place for log p and dz, plus p: about 2 slices' worth, counted as 3.
+        free = _available_bytes(ctx.device)
+        need = 3 * self.chunk_budget(shape.V, N) * 4
+        if free is not None and need > 0.85 * free:
+            return f"needs ~{_gib(need)} for one slice of whole sequences' [C, V] logits, {_gib(free)} free"
+        return None
+
+    def build(self, case, inp):
+        N, V = inp.targets.numel(), inp.weight.shape[0]
+        return case.call(_fused(strategy="single_pass", backend="torch", chunk_budget=self.chunk_budget(V, N)), inp)
 
 
 class RlcoreTriton(LogprobsProvider):
@@ -152,7 +226,10 @@ class RlcoreTriton(LogprobsProvider):
     def logprobs_fn(self):
         return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="triton")
 
+    def loss_fn(self, case, inp):
+        return _fused(strategy="two_pass", backend="triton")
+
 
 # Run order within a group: the floor and the reference first, so every later row's ratios are known when it prints.
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (GemmFloor(), Reference(), Compiled(), RlcoreTorch(),
-                                                      RlcoreTriton())}
+                                                      Rlcore1Pass(), RlcoreTriton())}

@@ -25,16 +25,18 @@ def _mib(n: Optional[int]) -> str:
 
 def progress_line(row: dict) -> str:
     """One line for a finished row: where it is, then its time, memory and error, or why it did not run."""
-    where = f"{row['case']:<8} {row['shape']:<11} N={row['N']:<6} {row['dtype']:<5} {row['provider']:<14}"
+    where = f"{row['case']:<10} {row['shape']:<11} N={row['N']:<6} {row['dtype']:<5} {row['provider']:<14}"
     if row["status"] != "ok":
         return f"{where} {row['status']}: {row['reason']}"
     err = "" if row["err_logp"] is None else f"  err(logp) {row['err_logp']:.1e}"
+    if row.get("err_loss") is not None:
+        err += f"  err(loss) {row['err_loss']:.1e}"
     return (f"{where} {_ms(row['time_ms']):>8} ms  {_fmt(row['tflops'], '.3f')} TFLOP/s  "
             f"peak {_mib(row['peak_mem_bytes'])} MiB{err}  [{row['reps']} reps, {row['wall_s']:.1f} s]")
 
 
 _COLUMNS = [  # (header, width, row -> text)
-    ("case", 8, lambda r: r["case"]),
+    ("case", 10, lambda r: r["case"]),
     ("shape", 11, lambda r: r["shape"]),
     ("N", 6, lambda r: str(r["N"])),
     ("dtype", 5, lambda r: r["dtype"]),
@@ -50,6 +52,7 @@ _COLUMNS = [  # (header, width, row -> text)
     ("err logp", 8, lambda r: _fmt(r["err_logp"], ".1e")),
     ("err ent", 8, lambda r: _fmt(r["err_entropy"], ".1e")),
     ("err dh", 8, lambda r: _fmt(r["err_dh"], ".1e")),
+    ("err loss", 8, lambda r: _fmt(r.get("err_loss"), ".1e")),
 ]
 
 

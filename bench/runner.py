@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .cases import CASES, SAMPLE_ROWS
+from .cases import CASES
 from .harness import TimingPolicy, measure
 from .providers import PROVIDERS, Context
 from .shapes import SHAPES, tokens_for
@@ -28,8 +28,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIELDS = [
     "case", "provider", "shape", "H", "V", "N", "dtype", "status", "reason",
     "time_ms", "time_p20_ms", "time_p80_ms", "reps", "timing", "gemms", "tflops", "time_vs_floor",
-    "time_vs_reference", "peak_mem_bytes", "mem_vs_reference", "err_logp", "err_entropy", "err_dh", "err_rows",
-    "wall_s",
+    "time_vs_reference", "peak_mem_bytes", "mem_vs_reference", "err_logp", "err_entropy", "err_dh", "err_loss",
+    "err_rows", "wall_s",
 ]
 
 
@@ -96,7 +96,7 @@ def run(cfg: Config, env: dict) -> Iterator[dict]:
             row = dict(env, **{f: None for f in FIELDS})
             row.update(case=case_name, provider=prov_name, shape=shape_name, H=shape.H, V=shape.V, N=N,
                        dtype=dtype_name, gemms=case.gemms, status="skipped")
-            reason = prov.unavailable(ctx) or prov.wont_fit(ctx, case, shape, N)
+            reason = prov.unavailable(ctx) or prov.not_for(case) or prov.wont_fit(ctx, case, shape, N)
             if reason:
                 row["reason"] = reason
                 yield row
@@ -123,7 +123,7 @@ def run(cfg: Config, env: dict) -> Iterator[dict]:
             row.update(
                 status="ok", time_ms=m.median_ms, time_p20_ms=m.p20_ms, time_p80_ms=m.p80_ms, reps=m.reps,
                 timing=m.method, tflops=flops / (m.median_ms * 1e-3) / 1e12, peak_mem_bytes=m.peak_bytes,
-                err_rows=min(SAMPLE_ROWS, N) if prov.has_outputs else None, wall_s=round(time.perf_counter() - t0, 2),
+                err_rows=case.err_rows(N) if prov.has_outputs else None, wall_s=round(time.perf_counter() - t0, 2),
                 **m.errors,
             )
             group.append(row)

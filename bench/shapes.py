@@ -39,9 +39,11 @@ SHAPES: dict[str, Shape] = {s.name: s for s in (
 
 # Token counts N per (device type, quick), and per case where they differ. CPU: 0.06-0.18 TFLOP/s on the 2 cores of
 # the dev box, so one cpu-small fwd_bwd call at N = 8192 is 10-25 s of bare GEMMs; --quick keeps that one large
-# group (where the [N, V] logits cost gigabytes) and runs fwd at 1024 only. GPU: bf16 RL micro-batches.
+# group (where the [N, V] logits cost gigabytes), runs fwd at 1024 only, and each policy loss at 2048 (4 sequences of
+# 512 tokens: see bench.cases.loss_layout). GPU: bf16 RL micro-batches.
 _TOKENS = {
-    ("cpu", True): {"fwd": (1024,), "fwd_bwd": (1024, 8192)},
+    ("cpu", True): {"fwd": (1024,), "fwd_bwd": (1024, 8192),
+                    "loss_gspo": (2048,), "loss_cispo": (2048,), "loss_apo": (2048,)},
     ("cpu", False): (1024, 4096, 8192),
     ("cuda", True): (4096, 16384),
     ("cuda", False): (4096, 8192, 16384, 32768),
