@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import is_interpreter
+
 __all__ = [
     "KernelConfig",
     "KernelMode",
@@ -76,16 +78,6 @@ __all__ = [
     "merge_partials",
     "is_interpreter",
 ]
-
-
-# Triton decides between compiling and interpreting when it decorates the kernels below, i.e. at this import.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def is_interpreter() -> bool:
-    """True when these kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was first
-    imported; changing the variable later changes nothing)."""
-    return _INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------------------------------

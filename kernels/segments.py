@@ -36,12 +36,13 @@ program offset, and row offsets ``k * stride`` are int64 products (``K N`` can e
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import is_interpreter
 
 __all__ = [
     "SegmentConfig",
@@ -53,15 +54,6 @@ __all__ = [
     "segment_broadcast_fwd",
     "is_interpreter",
 ]
-
-# Triton decides between compiling and interpreting when it decorates the kernels below, i.e. at this import.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def is_interpreter() -> bool:
-    """True when these kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was first
-    imported)."""
-    return _INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------------------------------

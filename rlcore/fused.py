@@ -30,7 +30,7 @@ import torch
 
 from . import chunked
 from .logprobs import _check_inputs, _check_target_range, linear_logprobs
-from .losses import PolicyLossOutput, _Norms, _policy_loss, _PRESETS, _Layout, vstar
+from .losses import _PRESETS, PolicyLossOutput, _Layout, _Norms, policy_loss, vstar
 
 __all__ = ["fused_policy_loss", "STRATEGIES"]
 
@@ -125,7 +125,7 @@ def fused_policy_loss(
 
     if strategy == "two_pass":
         logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
-        return _policy_loss(**_loss_args(logp, advantages, loss_mask, cu_seqlens, ent, loss_kwargs))
+        return policy_loss(**_loss_args(logp, advantages, loss_mask, cu_seqlens, ent, loss_kwargs))
     if check_targets:
         _check_target_range(targets, weight.shape[0], ignore_index)
     return _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head,
@@ -239,11 +239,11 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
     preset = _PRESETS.get(loss_type)
     if preset is None or cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
         # let policy_loss raise its own error for a bad loss_type / cu_seqlens
-        return _policy_loss(**_loss_args(torch.zeros(targets.shape, device=hidden.device), advantages, loss_mask,
+        return policy_loss(**_loss_args(torch.zeros(targets.shape, device=hidden.device), advantages, loss_mask,
                                          cu_seqlens, None, loss_kwargs))
     # Validate every loss argument once, on the whole batch, with placeholder log-probs (no gradient, O(N)).
     probe = torch.zeros(targets.shape, dtype=chunked.compute_dtype(hidden.dtype, weight.dtype), device=hidden.device)
-    _policy_loss(**_loss_args(probe, advantages, loss_mask, cu_seqlens,
+    policy_loss(**_loss_args(probe, advantages, loss_mask, cu_seqlens,
                               probe if need_entropy else None, loss_kwargs))
     layout = _Layout(probe, cu_seqlens, check=False)
     B = layout.B
@@ -315,9 +315,9 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
                 shape = (n_tok,) if packed else (s1 - s0, T)
                 adv = None if advantages is None else (
                     advantages[s0:s1] if adv_per_seq else _slice_tok(advantages, t0, t1, s0, s1, packed))
-                out = _policy_loss(**_loss_args(
+                out = policy_loss(**_loss_args(
                     lp_tok.view(shape), adv, _slice_tok(loss_mask, t0, t1, s0, s1, packed), args.pop("cu_seqlens"),
-                    None if ent_tok is None else ent_tok.view(shape), args), norms=norms, check_inputs=False)
+                    None if ent_tok is None else ent_tok.view(shape), args), _norms=norms, check_inputs=False)
                 leaves = [lp_leaf] + ([ent_leaf] if need_entropy else [])
                 grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
             total += out.loss.detach()
@@ -343,7 +343,7 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
 
     loss = _SinglePassLoss.apply(hidden, weight, head["bias"], run)
     with torch.no_grad():                      # the metrics (and a whole-batch value) from the slices' log-probs
-        whole = _policy_loss(**_loss_args(logp_all.view(N_shape), advantages, loss_mask, cu_seqlens,
+        whole = policy_loss(**_loss_args(logp_all.view(N_shape), advantages, loss_mask, cu_seqlens,
                                           None if ent_all is None else ent_all.view(N_shape), loss_kwargs),
                              check_inputs=False)
     metrics = dict(whole.metrics)

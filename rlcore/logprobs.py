@@ -10,6 +10,7 @@ Layers, bottom up:
 from __future__ import annotations
 
 import math
+import importlib
 import numbers
 from typing import Optional
 
@@ -25,17 +26,9 @@ _HALF = (torch.bfloat16, torch.float16)
 _FP32_MAX = torch.finfo(torch.float32).max
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
-_kernels_module = None
-
-
 def _kernels():
-    """Import the Triton kernels on first use (``TRITON_INTERPRET`` is read when they are decorated)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from .kernels import linear_logprobs as module
-
-        _kernels_module = module
-    return _kernels_module
+    """The Triton kernels, imported on first use (``TRITON_INTERPRET`` is read when they are decorated)."""
+    return importlib.import_module(".kernels.linear_logprobs", __package__)
 
 
 def _kernel_mode(precision: str, h_dtype: torch.dtype, w_dtype: torch.dtype, kind: str):

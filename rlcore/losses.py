@@ -326,6 +326,7 @@ def policy_loss(
     group_size: Optional[int] = None,
     eta: float = 1.0,
     check_inputs: bool = True,
+    _norms: Optional["_Norms"] = None,
 ) -> PolicyLossOutput:
     r"""The policy loss named ``loss_type`` on per-token log-probs ``logp``; returns ``(loss, metrics)``.
 
@@ -374,6 +375,7 @@ def policy_loss(
         entropy_coef: ``loss -= entropy_coef * agg(entropy)``.
         check_inputs: check ``cu_seqlens``'s values (a host sync on CUDA). Pass ``False`` in a hot loop whose
             ``cu_seqlens`` is known good; nothing else here ever syncs.
+        _norms: internal (``fused_policy_loss``): batch-wide aggregation denominators for a slice of the batch.
 
     Metrics (detached 0-d tensors): ``loss``, ``num_tokens``, ``num_seqs``; clipped family: ``ratio_mean/min/max``,
     ``clip_frac_low/high`` (where that bound binds), ``dual_clip_frac``, ``approx_kl_old`` (k3 of the clamped ``l - l_old``);
@@ -387,46 +389,6 @@ def policy_loss(
         out = rlcore.policy_loss(logp, adv, mask, old_logp=old, loss_type="gspo")
         out.loss.backward()
     """
-    return _policy_loss(**locals())
-
-
-def _policy_loss(
-    logp: torch.Tensor,
-    advantages: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    *,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    old_logp: Optional[torch.Tensor] = None,
-    ref_logp: Optional[torch.Tensor] = None,
-    sampler_logp: Optional[torch.Tensor] = None,
-    entropy: Optional[torch.Tensor] = None,
-    loss_type: str = "ppo",
-    agg=DEFAULT,
-    eps_low=DEFAULT,
-    eps_high=DEFAULT,
-    dual_clip: Optional[float] = None,
-    log_ratio_clamp: Optional[float] = 20.0,
-    agg_constant: Optional[float] = None,
-    num_tokens=None,
-    token_weights: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    kl_clamp: bool = False,
-    is_mode: Optional[str] = None,
-    is_cap: float = 2.0,
-    is_min: Optional[float] = None,
-    reject: bool = False,
-    entropy_coef: float = 0.0,
-    rewards: Optional[torch.Tensor] = None,
-    baseline: Optional[torch.Tensor] = None,
-    beta2=DEFAULT,
-    beta1: float = 0.5,
-    group_size: Optional[int] = None,
-    eta: float = 1.0,
-    check_inputs: bool = True,
-    norms: Optional["_Norms"] = None,
-) -> PolicyLossOutput:
-    """:func:`policy_loss`, with the aggregation denominators optionally taken from ``norms`` (a part of a batch)."""
     # ---- names and presets -------------------------------------------------------------------------------------
     _choice("loss_type", loss_type, LOSS_TYPES)
     preset = _PRESETS[loss_type]
@@ -575,6 +537,7 @@ def _policy_loss(
             return torch.zeros((), dtype=cdt, device=l.device)
         return torch.where(n_tok > 0, torch.where(valid, x, -math.inf).amax(), 0.0)
 
+    norms = _norms
     if norms is None:
         tok_denom = n_tok if num_tokens is None else torch.as_tensor(num_tokens, dtype=cdt, device=l.device)
         seq_denom, batch = nonempty.sum(), layout.B

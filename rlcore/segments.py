@@ -22,6 +22,7 @@ callers run behind a flag (see its docstring).
 
 from __future__ import annotations
 
+import importlib
 import numbers
 
 import torch
@@ -32,17 +33,9 @@ BACKENDS = ("auto", "triton", "torch")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _OFFSET_DTYPES = (torch.int32, torch.int64)
 
-_kernels_module = None
-
-
 def _kernels():
-    """Import the Triton kernels on first use (``TRITON_INTERPRET`` is read when they are decorated)."""
-    global _kernels_module
-    if _kernels_module is None:
-        from .kernels import segments as module
-
-        _kernels_module = module
-    return _kernels_module
+    """The Triton kernels, imported on first use (``TRITON_INTERPRET`` is read when they are decorated)."""
+    return importlib.import_module(".kernels.segments", __package__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
