@@ -1,9 +1,11 @@
 """``linear_logprobs``: per-token log-probs (and entropy) of targets straight from hidden states and the LM head.
 
 Layers, bottom up:
-    backends      ``rlcore.kernels.linear_logprobs`` (Triton), ``rlcore.chunked`` (PyTorch, a block of rows at a time)
+    backends      ``rlcore.kernels.linear_logprobs`` (Triton), ``rlcore.chunked`` (PyTorch, a block of rows at a time),
+                  ``rlcore.cpp`` (compiled C++, CPU only: ``csrc/linear_logprobs_cpu.cpp``)
     torch ops     ``rlcore::linear_logprobs`` and ``rlcore::linear_logprobs_backward`` (``torch.library.custom_op``),
-                  with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` sees one op
+                  with fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` sees one op;
+                  the compiled backend is their kernel for the CPU device (``register_kernel("cpu")``)
     public        ``linear_logprobs``: argument checks, ``[..., H]`` flattening, return shape
 """
 
@@ -16,12 +18,12 @@ from typing import Optional
 
 import torch
 
-from . import chunked
+from . import chunked, cpp
 
 __all__ = ["linear_logprobs", "PRECISIONS", "BACKENDS"]
 
 PRECISIONS = ("default", "tf32", "fp32")
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "cpp")
 _HALF = (torch.bfloat16, torch.float16)
 _FP32_MAX = torch.finfo(torch.float32).max
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -88,6 +90,29 @@ def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int) -> Non
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _portable_fwd(backend: str, precision: str, hidden: torch.Tensor, weight: torch.Tensor, ignore_index: int):
+    """The forward of a device-generic backend, as ``fn(hidden, weight, bias, targets, inv_temp) -> (lse, ent, zt)``."""
+    if backend == "triton":
+        mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "fwd")
+        return lambda h, w, b, t, inv_temp: _kernels().linear_logprobs_fwd(h, w, b, t, inv_temp, ignore_index, mode)
+    return chunked.linear_logprobs_fwd
+
+
+def _forward(hidden, weight, bias, targets, temperature, ignore_index, check_targets, fwd):
+    """The op's body around a backend's forward ``fwd``: empty input, the target check, masking ignored positions."""
+    N, V = hidden.shape[0], weight.shape[0]
+    dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)  # outputs: float32, float64 for float64 inputs
+    if N == 0:
+        return hidden.new_empty((0,), dtype=dtype), hidden.new_empty((0,), dtype=dtype), hidden.new_empty(
+            (2, 0), dtype=dtype)
+    if check_targets:
+        _check_target_range(targets, V, ignore_index)
+    lse, ent, zt = fwd(hidden, weight, bias, targets, 1.0 / temperature)
+    valid = targets != ignore_index
+    logp = torch.where(valid, zt - lse, 0.0)
+    return logp, torch.where(valid, ent, 0.0), torch.stack([lse, ent])
+
+
 @torch.library.custom_op("rlcore::linear_logprobs", mutates_args=())
 def _linear_logprobs_op(
     hidden: torch.Tensor,
@@ -105,22 +130,18 @@ def _linear_logprobs_op(
     ``stats`` holds ``(lse, raw entropy)`` for the backward: an output of its own, not differentiable, so that the
     caller may edit ``logp`` and ``entropy`` in place.
     """
-    N, V = hidden.shape[0], weight.shape[0]
-    dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)  # outputs: float32, float64 for float64 inputs
-    if N == 0:
-        return hidden.new_empty((0,), dtype=dtype), hidden.new_empty((0,), dtype=dtype), hidden.new_empty(
-            (2, 0), dtype=dtype)
-    if check_targets:
-        _check_target_range(targets, V, ignore_index)
-    if backend == "triton":
-        mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "fwd")
-        lse, ent, zt = _kernels().linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature, ignore_index,
-                                                      mode)
-    else:
-        lse, ent, zt = chunked.linear_logprobs_fwd(hidden, weight, bias, targets, 1.0 / temperature)
-    valid = targets != ignore_index
-    logp = torch.where(valid, zt - lse, 0.0)
-    return logp, torch.where(valid, ent, 0.0), torch.stack([lse, ent])
+    fwd = _portable_fwd(backend, precision, hidden, weight, ignore_index)
+    return _forward(hidden, weight, bias, targets, temperature, ignore_index, check_targets, fwd)
+
+
+@_linear_logprobs_op.register_kernel("cpu")
+def _linear_logprobs_cpu(hidden, weight, bias, targets, temperature, ignore_index, precision, backend,
+                         check_targets):
+    """CPU tensors: the compiled kernels for ``backend="cpp"``; the other backends (the chunked path, Triton's
+    interpreter) as on any device."""
+    fwd = (cpp.linear_logprobs_fwd if backend == "cpp"
+           else _portable_fwd(backend, precision, hidden, weight, ignore_index))
+    return _forward(hidden, weight, bias, targets, temperature, ignore_index, check_targets, fwd)
 
 
 @_linear_logprobs_op.register_fake
@@ -129,6 +150,40 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, precision, backe
     n = hidden.shape[0]
     return (hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype),
             hidden.new_empty((2, n), dtype=dtype))
+
+
+def _portable_bwd(backend: str, precision: str, hidden: torch.Tensor, weight: torch.Tensor):
+    """The backward of a device-generic backend, with ``rlcore.chunked.linear_logprobs_bwd``'s signature."""
+    if backend == "triton":
+        mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "bwd")
+
+        def bwd(g_lp, g_ent, h, w, b, t, lse, ent, inv_temp, ignore_index, compute_dh, compute_dw, compute_db):
+            return _kernels().linear_logprobs_bwd(g_lp, g_ent, h, w, b, t, lse, ent, inv_temp, ignore_index, mode,
+                                                  compute_dh, compute_dw, compute_db)
+        return bwd
+    return chunked.linear_logprobs_bwd
+
+
+def _backward_body(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature, ignore_index,
+                   compute_dh, compute_dw, compute_db, bwd):
+    """The backward op's body around a backend's backward ``bwd``: empty input, output dtypes, skipped gradients."""
+    N, H = hidden.shape
+    lse, entropy = stats.unbind(0)
+    compute_db = compute_db and bias is not None
+    if N == 0:
+        dh, dw = hidden.new_zeros((0, H)), weight.new_zeros(weight.shape)
+        db = bias.new_zeros(bias.shape) if compute_db else None
+    else:
+        grad_logp = grad_logp.contiguous()
+        grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
+        dh, dw, db = bwd(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, 1.0 / temperature,
+                         ignore_index, compute_dh, compute_dw, compute_db)
+
+    def empty():  # a distinct [0] tensor per skipped output: custom-op outputs may not alias
+        return hidden.new_empty((0,))
+
+    return (dh.to(hidden.dtype) if compute_dh else empty(), dw.to(weight.dtype) if compute_dw else empty(),
+            db.to(bias.dtype) if compute_db else empty())
 
 
 @torch.library.custom_op("rlcore::linear_logprobs_backward", mutates_args=())
@@ -150,32 +205,17 @@ def _linear_logprobs_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dh [N, H], dW [V, H], db [V])``, contiguous, in the dtypes of ``hidden``, ``weight``, ``bias``.
     A gradient not asked for (``compute_*`` False, or no bias) is an empty ``[0]`` tensor and costs nothing."""
-    N, H = hidden.shape
-    lse, entropy = stats.unbind(0)
-    compute_db = compute_db and bias is not None
-    if N == 0:
-        dh, dw = hidden.new_zeros((0, H)), weight.new_zeros(weight.shape)
-        db = bias.new_zeros(bias.shape) if compute_db else None
-    else:
-        grad_logp = grad_logp.contiguous()
-        grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
-        if backend == "triton":
-            mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "bwd")
-            dh, dw, db = _kernels().linear_logprobs_bwd(
-                grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                1.0 / temperature, ignore_index, mode, compute_dh, compute_dw, compute_db,
-            )
-        else:
-            dh, dw, db = chunked.linear_logprobs_bwd(
-                grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, 1.0 / temperature,
-                ignore_index, compute_dh, compute_dw, compute_db,
-            )
+    return _backward_body(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature, ignore_index,
+                          compute_dh, compute_dw, compute_db, _portable_bwd(backend, precision, hidden, weight))
 
-    def empty():  # a distinct [0] tensor per skipped output: custom-op outputs may not alias
-        return hidden.new_empty((0,))
 
-    return (dh.to(hidden.dtype) if compute_dh else empty(), dw.to(weight.dtype) if compute_dw else empty(),
-            db.to(bias.dtype) if compute_db else empty())
+@_linear_logprobs_backward_op.register_kernel("cpu")
+def _linear_logprobs_backward_cpu(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature,
+                                  ignore_index, precision, backend, compute_dh, compute_dw, compute_db):
+    """CPU tensors: the compiled kernels for ``backend="cpp"``, the other backends as on any device."""
+    bwd = cpp.linear_logprobs_bwd if backend == "cpp" else _portable_bwd(backend, precision, hidden, weight)
+    return _backward_body(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature, ignore_index,
+                          compute_dh, compute_dw, compute_db, bwd)
 
 
 @_linear_logprobs_backward_op.register_fake
@@ -274,7 +314,17 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
                 "use precision='fp32' to compute a mixed-dtype head in FP32"
             )
     if backend == "auto":
-        return "triton" if hidden.device.type == "cuda" and not fp64 else "torch"
+        if fp64:
+            return "torch"
+        if hidden.device.type == "cuda":
+            return "triton"
+        return "cpp" if hidden.device.type == "cpu" and cpp.available() else "torch"
+    if backend == "cpp":
+        if fp64:
+            raise TypeError("backend='cpp' does not take float64 inputs; use backend='torch' (or 'auto')")
+        if hidden.device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors (got {hidden.device}); use backend='auto' or 'triton'")
+        return "cpp" if cpp.available() else "torch"   # unavailable: the chunked path, after a one-line notice
     if backend == "triton":
         if fp64:
             raise TypeError("backend='triton' does not take float64 inputs; use backend='torch' (or 'auto')")
@@ -321,7 +371,10 @@ def linear_logprobs(
             ``"fp32"`` computes the head to FP32 accuracy whatever the dtypes (3xTF32 on tensor cores; ``hidden``
             and ``weight`` may then differ in dtype, e.g. bf16 activations with an FP32 head: the MiniMax-M1 fix);
             ``"tf32"`` rounds FP32 operands to TF32 (one tensor-core pass).
-        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA; on CPU the compiled ``"cpp"`` backend, or the chunked PyTorch path
+            for float64 or when the extension cannot be built), ``"triton"``, ``"torch"`` (chunked PyTorch, any
+            device) or ``"cpp"`` (CPU; built on first use, see ``rlcore.cpp``; falls back to ``"torch"`` with a
+            one-line notice when it cannot be built).
         check_targets: raise ``ValueError`` on an id outside ``[0, V)`` that is not ``ignore_index``. This is the
             op's one host sync; ``False`` skips it (e.g. under CUDA graphs). Unchecked bad ids never read out of
             bounds (the kernels compare ids, they do not index with them) but give meaningless log-probs.
