@@ -5,7 +5,10 @@ through the symlink ``rlcore/kernels -> ../kernels``: one import path that works
 install, after a wheel install, and under ``python -m pytest`` from the repository root. There is deliberately no
 ``package_dir`` mapping, and no top-level ``kernels`` package (that name is Hugging Face's kernel hub).
 
-Building imports nothing but setuptools, so pip never pulls a torch into an isolated build environment.
+The C++ sources of the compiled CPU backend (``csrc/``) ship the same way, as package data under the symlink
+``rlcore/csrc -> ../csrc``. They are compiled on the user's machine the first time the backend is used
+(``rlcore/cpp.py``), not here: building imports nothing but setuptools, so pip never pulls a torch into an isolated
+build environment, and the package stays pure Python (one wheel for every platform).
 """
 
 import re
@@ -23,6 +26,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["rlcore", "rlcore.*"]),
+    package_data={"rlcore": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     # On a CPU-only machine install torch first (`pip install torch==2.13.0`): a bare `torch` requirement with no
     # torch installed would pull the CUDA build. With a torch installed, this range installs nothing more.

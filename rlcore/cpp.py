@@ -7,7 +7,8 @@ a second torch (often the CUDA one) into the isolated build environment. Buildin
 the compiler target that machine's vector ISA (``-march=native``). The cost is one compile (~1 minute on 2 cores)
 the first time a process uses the backend; the result is cached on disk and reused by every later process.
 
-- Sources: ``rlcore/csrc`` (the symlink ``rlcore/csrc -> ../csrc``, shipped in the wheel as package data).
+- Sources: ``rlcore/csrc`` (the symlink ``rlcore/csrc -> ../csrc``, shipped in the wheel as package data), copied
+  into the build folder, so a checkout and an install of the same version share one binary.
 - Cache: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a folder named after rlcore's and
   torch's versions, Python's, and a fingerprint of the CPU, so a cache shared between machines or upgrades never
   loads a binary built for another; ``cpp_extension`` rebuilds when the sources or flags change, and its lock file
@@ -45,7 +46,9 @@ TILE_ROWS = 2048
 TILE_VOCAB = 1024
 
 _SOURCE = "linear_logprobs_cpu.cpp"
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -ffp-contract=off: the backward recomputes each logit with the forward's exact FP32 operations, so log p of a
+# position's only (or dominant) entry is exactly 0; a multiply-add fused into ((acc + b) / T - lse) would not be.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
@@ -53,8 +56,22 @@ _reason: Optional[str] = None
 _tried = False
 
 
-def _sources() -> list[str]:
-    return [str(Path(__file__).resolve().parent / "csrc" / _SOURCE)]
+def _staged_sources(build_dir: Path) -> list[str]:
+    """The package's sources, copied into the build folder (rewritten only when their content changed).
+
+    Compiling the copy makes the build independent of where rlcore is installed: the checkout, an editable and a
+    wheel install of the same version share one cached binary instead of rebuilding each other's (ninja rebuilds
+    whenever a source path in its command line changes)."""
+    staged = []
+    for name in (_SOURCE,):
+        text = (Path(__file__).resolve().parent / "csrc" / name).read_bytes()
+        dest = build_dir / name
+        if not dest.exists() or dest.read_bytes() != text:
+            tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
+            tmp.write_bytes(text)
+            os.replace(tmp, dest)   # atomic: a concurrent build never reads half a file
+        staged.append(str(dest))
+    return staged
 
 
 def _cpu_fingerprint() -> str:
@@ -82,7 +99,7 @@ def _build() -> ModuleType:
 
     build_dir = _build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name="rlcore_cpu", sources=_sources(), extra_cflags=_FLAGS,
+    return cpp_extension.load(name="rlcore_cpu", sources=_staged_sources(build_dir), extra_cflags=_FLAGS,
                               extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
 
 

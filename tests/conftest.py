@@ -12,6 +12,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 
@@ -25,3 +26,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow], derandomize=True, print_blob=True,
 )
 settings.load_profile("rlcore")
+
+
+@pytest.fixture(autouse=True)
+def _cpp_backend_is_really_built(request):
+    """A test of ``backend="cpp"`` that runs (it is skipped where no compiler exists) must run the compiled
+    kernels: without this, a broken build would fall back to the chunked path and pass silently."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cpp":
+        import rlcore.cpp
+
+        assert rlcore.cpp.available(), f"the compiled CPU backend did not build: {rlcore.cpp.unavailable_reason()}"

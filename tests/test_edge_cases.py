@@ -5,10 +5,10 @@ import torch
 
 import rlcore
 
-from .helpers import DEVICE, Case, errors, make_case, norm_err, norm_errors, run_reference, run_rlcore
+from .helpers import (BACKENDS, DEVICE, Case, errors, make_case, norm_err, norm_errors, run_reference,
+                      run_rlcore)
 from .test_linear_logprobs import FP32_TOL
 
-BACKENDS = ["torch", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

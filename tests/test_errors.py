@@ -5,7 +5,7 @@ import torch
 
 import rlcore
 
-from .helpers import DEVICE
+from .helpers import BACKENDS, DEVICE
 
 N, H, V = 6, 16, 50
 
@@ -49,6 +49,8 @@ BAD = {
                                     "float32 head"),
     "triton-float64": (dict(hidden=torch.randn(N, H, dtype=torch.float64),
                             weight=torch.randn(V, H, dtype=torch.float64), backend="triton"), TypeError, "float64"),
+    "cpp-float64": (dict(hidden=torch.randn(N, H, dtype=torch.float64), weight=torch.randn(V, H, dtype=torch.float64),
+                         backend="cpp"), TypeError, "float64"),
 }
 
 
@@ -61,7 +63,7 @@ def test_bad_input_raises_naming_the_argument(name):
         rlcore.linear_logprobs(args["hidden"], args["weight"], args["targets"], **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_out_of_range_target_is_caught_on_every_backend(backend):
     """Validated before the kernel on each backend: no out-of-bounds read, the offending id is named."""
     args, _ = _args(targets=torch.tensor([0, 1, 2, 3, 4, 10_000], device=DEVICE))
@@ -87,6 +89,13 @@ def test_device_mismatch_meta():
     """Device mismatch without a GPU: a meta-device weight against CPU hidden states."""
     with pytest.raises(ValueError, match="weight"):
         rlcore.linear_logprobs(torch.randn(N, H), torch.randn(V, H, device="meta"), torch.zeros(N, dtype=torch.long))
+
+
+def test_cpp_backend_needs_cpu_tensors():
+    """backend='cpp' on another device names the device and the alternatives (meta stands in for CUDA)."""
+    h, w = torch.randn(N, H, device="meta"), torch.randn(V, H, device="meta")
+    with pytest.raises(ValueError, match="backend='cpp' needs CPU tensors"):
+        rlcore.linear_logprobs(h, w, torch.zeros(N, dtype=torch.long, device="meta"), backend="cpp")
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

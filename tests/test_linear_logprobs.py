@@ -1,7 +1,8 @@
 """Values and every gradient of ``rlcore.linear_logprobs`` against the float64 materialised reference.
 
-Both backends run here: the chunked PyTorch path, and the Triton kernels (compiled on a GPU, in Triton's CPU
-interpreter otherwise; see conftest.py). Upstream gradients reach ``logp`` and ``entropy`` at once, so one backward
+Every backend runs here: the chunked PyTorch path, the Triton kernels (compiled on a GPU, in Triton's CPU
+interpreter otherwise; see conftest.py), and the compiled CPU backend (``rlcore.cpp``, on CPU tensors; its multi-tile
+paths are exercised with small tiles in test_cpp_backend.py). Upstream gradients reach ``logp`` and ``entropy`` at once, so one backward
 checks both terms of the kernel's ``dz``.
 
 Bars:
@@ -19,9 +20,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from .helpers import FP32_TOL, compare, errors, make_case, run_reference, run_rlcore
+from .helpers import BACKENDS, FP32_TOL, compare, errors, make_case, run_reference, run_rlcore
 
-BACKENDS = ["torch", "triton"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_against_float64(case, backend, precision):
@@ -121,7 +121,7 @@ def test_float64_gradcheck():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_agree(backend):
-    """Both backends give the same numbers on FP32 inputs (a cross-check independent of the reference)."""
+    """Every backend gives the chunked path's numbers on FP32 inputs (a cross-check independent of the reference)."""
     import rlcore
 
     case = make_case(33, 64, 400, torch.float32, bias=True, ignore_frac=0.2, temperature=1.3, seed=7)

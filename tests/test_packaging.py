@@ -9,14 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import cpp_skip_reason
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = (
     "import torch, rlcore, rlcore.kernels.linear_logprobs as k; "
     "h, w = torch.randn(3, 8), torch.randn(11, 8); "
     "lp = rlcore.linear_logprobs(h, w, torch.tensor([1, 2, 3])); "
     "assert lp.shape == (3,) and bool((lp < 0).all()); "
-    "print(rlcore.__file__); print(k.__file__)"
+    "print(rlcore.__file__); print(k.__file__); print(rlcore.cpp.available())"
 )
+# Where a compiler exists, the compiled CPU backend must build from the sources each copy of the package ships.
+CPP_EXPECTED = str(cpp_skip_reason() is None)
 
 
 def _run(cmd, cwd, env=None):
@@ -30,6 +34,8 @@ def _run(cmd, cwd, env=None):
 def test_layout():
     assert (ROOT / "rlcore" / "kernels").is_symlink()
     assert os.readlink(ROOT / "rlcore" / "kernels") == "../kernels"
+    assert (ROOT / "rlcore" / "csrc").is_symlink() and os.readlink(ROOT / "rlcore" / "csrc") == "../csrc"
+    assert (ROOT / "rlcore" / "csrc" / "linear_logprobs_cpu.cpp").is_file()
     for entry in ("csrc", "kernels", "rlcore", "bench", "tests", "setup.py", "README.md"):
         assert (ROOT / entry).exists(), entry
 
@@ -38,6 +44,7 @@ def test_from_the_checkout(tmp_path):
     """``python -c`` in the repository root imports the checkout's rlcore (whatever is installed)."""
     out = _run([sys.executable, "-c", SMOKE], cwd=ROOT)
     assert Path(out.splitlines()[0]).resolve().is_relative_to(ROOT)
+    assert out.splitlines()[2] == CPP_EXPECTED
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +59,7 @@ def wheel(tmp_path_factory):
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "rlcore/kernels/linear_logprobs.py" in names and "rlcore/kernels/__init__.py" in names
+    assert "rlcore/csrc/linear_logprobs_cpu.cpp" in names, "the compiled CPU backend builds from the wheel's sources"
     assert not [n for n in names if n.startswith("kernels/")], "no top-level `kernels` package (HF's kernel hub)"
     assert not [n for n in names if n.startswith("tests/") or n.startswith("bench/")]
 
@@ -64,7 +72,8 @@ def test_wheel_install_in_a_fresh_venv(wheel, tmp_path):
     py = str(venv / "bin" / "python")
     _run([py, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", str(wheel)], cwd=tmp_path)
     outside = _run([py, "-c", SMOKE], cwd=tmp_path).splitlines()
-    for path in outside:
+    for path in outside[:2]:
         assert Path(path).resolve().is_relative_to(venv.resolve()), f"imported {path}, not the wheel's copy"
+    assert outside[2] == CPP_EXPECTED
     inside = _run([py, "-c", SMOKE], cwd=ROOT).splitlines()
     assert Path(inside[1]).resolve().is_relative_to(ROOT)

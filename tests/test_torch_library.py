@@ -6,9 +6,8 @@ import torch
 import rlcore
 from rlcore.logprobs import _linear_logprobs_op
 
-from .helpers import DEVICE, make_case
+from .helpers import BACKENDS, DEVICE, make_case
 
-BACKENDS = ["torch", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
