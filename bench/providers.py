@@ -11,6 +11,8 @@
     rlcore-1pass   loss cases only: ``rlcore.fused_policy_loss(strategy="single_pass", backend="torch")``, one pass
                    over slices of whole sequences (3 GEMMs instead of 4), the slice budget widened past the default
                    when one sequence's loss tokens x V would not fit it
+    rlcore-cpp     ``rlcore.linear_logprobs(backend="cpp")``: the compiled CPU backend (``csrc/``; CPU only, built on
+                   first use); loss cases: ``rlcore.fused_policy_loss(strategy="two_pass", backend="cpp")``
     rlcore-triton  ``rlcore.linear_logprobs(backend="triton")``: the fused kernels (CUDA only); loss cases:
                    ``rlcore.fused_policy_loss(strategy="two_pass", backend="triton")``
 
@@ -211,6 +213,25 @@ class Rlcore1Pass(Provider):
         return case.call(_fused(strategy="single_pass", backend="torch", chunk_budget=self.chunk_budget(V, N)), inp)
 
 
+class RlcoreCpp(LogprobsProvider):
+    name = "rlcore-cpp"
+
+    def unavailable(self, ctx):
+        if ctx.device.type != "cpu":
+            return "the compiled backend runs on CPU tensors"
+        import rlcore.cpp
+
+        if not rlcore.cpp.available():    # builds it on first use: before timing, never inside a timed call
+            return f"the compiled CPU backend is unavailable: {rlcore.cpp.unavailable_reason()}"
+        return None
+
+    def logprobs_fn(self):
+        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="cpp")
+
+    def loss_fn(self, case, inp):
+        return _fused(strategy="two_pass", backend="cpp")
+
+
 class RlcoreTriton(LogprobsProvider):
     name = "rlcore-triton"
 
@@ -232,4 +253,4 @@ class RlcoreTriton(LogprobsProvider):
 
 # Run order within a group: the floor and the reference first, so every later row's ratios are known when it prints.
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (GemmFloor(), Reference(), Compiled(), RlcoreTorch(),
-                                                      Rlcore1Pass(), RlcoreTriton())}
+                                                      Rlcore1Pass(), RlcoreCpp(), RlcoreTriton())}
