@@ -1,6 +1,7 @@
 """The chunked PyTorch backend of ``linear_logprobs``: the same math as the Triton kernels, a block of rows at a time.
 
-Used on CPU (and on any device with ``backend="torch"``). Each step holds a ``[C, V]`` block of logits with
+Used with ``backend="torch"`` on any device, and on CPU for float64 inputs or where the compiled backend
+(``rlcore.cpp``, the default on CPU) cannot be built. Each step holds a ``[C, V]`` block of logits with
 ``C * V <= CHUNK_ELEMENTS``, so the extra memory of forward and backward is O(N + V H) whatever ``N`` is: the ``[N, V]``
 logits never exist. The GEMMs run in FP32 (float64 for float64 inputs), whatever the input dtype and precision mode:
 there is no faster reduced-precision path on CPU, and FP32 satisfies every mode.
