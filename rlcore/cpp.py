@@ -15,6 +15,8 @@ the first time a process uses the backend; the result is cached on disk and reus
   serialises processes that build at the same time.
 - Unavailable (no compiler, no ninja, a failed build): the chunked PyTorch path runs instead, after a one-line
   ``RuntimeWarning`` on first use; never an error. ``RLCORE_CPP=0`` turns the backend off without a notice.
+  The choice is made where the op runs (its CPU kernel calls ``linear_logprobs_fwd`` / ``_bwd`` below), never
+  while ``torch.compile`` traces: the graph holds the op with ``backend="cpp"`` either way.
 - GEMMs: oneDNN's (``mkldnn::_linear_pointwise``) when torch has it, else ``at::mm`` (MKL/OpenBLAS);
   ``RLCORE_CPP_GEMM=aten`` forces the latter (to measure what the GEMM choice is worth).
 """
@@ -132,11 +134,8 @@ def load() -> Optional[ModuleType]:
     return _module
 
 
-@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether ``backend="cpp"`` runs the compiled kernels in this process (builds them on the first call).
-
-    A constant to ``torch.compile``: the choice of backend is made once, at trace time."""
+    """Whether ``backend="cpp"`` runs the compiled kernels in this process (builds them on the first call)."""
     return load() is not None
 
 

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import chunked
+from . import chunked, cpp
 from .logprobs import _check_inputs, _check_target_range, linear_logprobs
 from .losses import _PRESETS, PolicyLossOutput, _Layout, _Norms, policy_loss, vstar
 
@@ -93,6 +93,8 @@ def fused_policy_loss(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(map(repr, STRATEGIES))}")
     resolved_backend = _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
+    if backend == "auto" and resolved_backend == "cpp" and (strategy == "single_pass" or not cpp.available()):
+        resolved_backend = "torch"   # the single pass is chunked PyTorch, which "auto" keeps without the extension
     packed = cu_seqlens is not None
     if hidden.dim() != (2 if packed else 3):
         raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] with cu_seqlens (packed), got shape "

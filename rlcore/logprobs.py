@@ -316,15 +316,14 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
     if backend == "auto":
         if fp64:
             return "torch"
-        if hidden.device.type == "cuda":
-            return "triton"
-        return "cpp" if hidden.device.type == "cpu" and cpp.available() else "torch"
+        # CPU: the compiled backend, which runs the chunked path itself where it cannot be built. That is decided
+        # when the op first runs, not here: this function is traced by torch.compile, and a build cannot be.
+        return {"cuda": "triton", "cpu": "cpp"}.get(hidden.device.type, "torch")
     if backend == "cpp":
         if fp64:
             raise TypeError("backend='cpp' does not take float64 inputs; use backend='torch' (or 'auto')")
         if hidden.device.type != "cpu":
             raise ValueError(f"backend='cpp' needs CPU tensors (got {hidden.device}); use backend='auto' or 'triton'")
-        return "cpp" if cpp.available() else "torch"   # unavailable: the chunked path, after a one-line notice
     if backend == "triton":
         if fp64:
             raise TypeError("backend='triton' does not take float64 inputs; use backend='torch' (or 'auto')")

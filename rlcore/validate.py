@@ -13,7 +13,8 @@ the test suite uses (``compare``):
   ||x - ref|| / ||ref|| is no worse than PyTorch's own computation in the inputs' dtype (bf16 logits, FP32
   log-softmax, autograd), or within twice the error of rounding the exact answer to the output dtype.
 
-Without CUDA the Triton kernels run in Triton's CPU interpreter (this module sets ``TRITON_INTERPRET=1`` before they
+On CPU the compiled backend (``backend="cpp"``) is checked too, where it builds. Without CUDA the Triton kernels
+run in Triton's CPU interpreter (this module sets ``TRITON_INTERPRET=1`` before they
 are imported), on small shapes. This module also holds the case builder and error metrics the tests use.
 """
 
@@ -239,12 +240,14 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
     import triton
 
-    from . import __version__
+    from . import __version__, cpp
     from .logprobs import _kernels
 
     backends = ["torch"]
     if device.type == "cuda" or _kernels().is_interpreter():
         backends.append("triton")
+    if device.type == "cpu" and cpp.available():   # built here on first use; a failed build prints its notice
+        backends.append("cpp")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"rlcore {__version__} | torch {torch.__version__} | triton {triton.__version__} | device: {name}"
           + ("" if device.type == "cuda" else " (Triton kernels in the CPU interpreter)"))

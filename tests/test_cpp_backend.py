@@ -3,7 +3,7 @@
 - Its tiling: with tiles of a few rows and vocabulary entries, small cases cross every boundary the default
   2048 x 1024 tiles only cross at real sizes (several vocabulary and row tiles, partial vector lane groups, targets
   and -inf bias in later tiles, a bf16 head's per-tile dW write).
-- Both GEMM routes (oneDNN, ``at::mm``), bitwise determinism, and the dispatch: ``"auto"`` picks it on CPU, and
+- Both GEMM routes (oneDNN, ``at::mm``), bitwise determinism, and the dispatch: ``"auto"`` runs it on CPU, and
   ``torch.compile`` sees the one op.
 - Its absence: a failed build or ``RLCORE_CPP=0`` falls back to the chunked path, with a one-line notice on first use
   (the former) and never an error.
@@ -144,13 +144,15 @@ def test_bitwise_deterministic(cpp_built, tiles):
 
 
 @needs_cpp
-def test_auto_picks_cpp_on_cpu_and_torch_for_float64(cpp_built):
-    from rlcore.logprobs import _check_inputs
-
+def test_auto_runs_the_compiled_kernels_on_cpu_and_chunked_for_float64(cpp_built, monkeypatch):
+    calls = []
+    real = rlcore.cpp.linear_logprobs_fwd
+    monkeypatch.setattr(rlcore.cpp, "linear_logprobs_fwd", lambda *a: calls.append(a[0].dtype) or real(*a))
     h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
-    assert _check_inputs(h, w, t, None, 1.0, -100, "default", "auto") == "cpp"
-    assert _check_inputs(h.double(), w.double(), t, None, 1.0, -100, "default", "auto") == "torch"
-    assert _check_inputs(h, w, t, None, 1.0, -100, "default", "torch") == "torch"
+    rlcore.linear_logprobs(h, w, t)
+    rlcore.linear_logprobs(h.double(), w.double(), t)
+    rlcore.linear_logprobs(h, w, t, backend="torch")
+    assert calls == [torch.float32]
 
 
 @needs_cpp
@@ -214,17 +216,17 @@ def test_failed_build_falls_back_with_one_notice(fresh_loader, monkeypatch):
 
 
 def test_turned_off_by_env(fresh_loader, monkeypatch):
-    """RLCORE_CPP=0: no build, no notice, the chunked path."""
-    from rlcore.logprobs import _check_inputs
-
+    """RLCORE_CPP=0: no build, no notice, the chunked path's numbers."""
     monkeypatch.setenv("RLCORE_CPP", "0")
     monkeypatch.setattr(rlcore.cpp, "_build", lambda: pytest.fail("RLCORE_CPP=0 must not build"))
-    h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
+    case = make_case(9, 16, 40, torch.float32, bias=True, ignore_frac=0.2, seed=10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _check_inputs(h, w, t, None, 1.0, -100, "default", "auto") == "torch"
-        rlcore.linear_logprobs(h, w, t, backend="cpp")
-    assert rlcore.cpp.unavailable_reason() == "turned off by RLCORE_CPP=0"
+        out = run_rlcore(case, backend="auto")
+    expected = run_rlcore(case, backend="torch")
+    for k in expected:
+        assert torch.equal(out[k], expected[k]), k
+    assert not rlcore.cpp.available() and rlcore.cpp.unavailable_reason() == "turned off by RLCORE_CPP=0"
 
 
 def test_missing_compiler_falls_back_in_a_fresh_process(tmp_path):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .helpers import cpp_skip_reason
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -13,10 +15,10 @@ def test_validate_quick_passes_and_prints_every_row():
     proc = subprocess.run([sys.executable, "-m", "rlcore.validate", "--quick"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("torch ", "triton "))]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("torch ", "triton ", "cpp "))]
     from rlcore.validate import MODES
 
-    backends = {"torch", "triton"}
+    backends = {"torch", "triton"} | ({"cpp"} if cpp_skip_reason() is None else set())
     assert len(rows) == len(MODES) * len(backends), proc.stdout
     assert all(" PASS " in row for row in rows)
     assert "all checks passed" in proc.stdout
