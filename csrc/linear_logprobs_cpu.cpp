@@ -56,7 +56,7 @@ constexpr int64_t kBlock = 16;
 // exp(x) is exactly 0 in FP32 below about -104. Differences are clamped to this before they multiply an exponential
 // of themselves, so that masked entries (-inf logits) give 0 * finite = 0 instead of 0 * -inf = NaN.
 constexpr float kMinExpArg = -200.0f;
-// Positions per parallel work item of an epilogue (a multiple of the vector width).
+// Least number of vector-wide position groups a thread takes in an epilogue.
 constexpr int64_t kGrainLanes = 4;
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -146,60 +146,68 @@ inline float logit_scalar(const Tile& t, int64_t j, int64_t c) {
   return x * t.inv_temp;
 }
 
-// Forward: fold lanes [c, c + n) of the tile into the running (m, s, a) of those positions.
-//   s = sum exp(z - m),  a = sum exp(z - m) (z - m);  a new max m' rescales them by alpha = exp(m - m'):
-//   s' = alpha s,  a' = alpha (a + (m - m') s).
+// Forward: fold vocabulary rows [j0, j0 + nb) of the tile, lanes [c, c + n), into the running (m, s, a) of those
+// positions. With s = sum exp(z - m) and a = sum exp(z - m) (z - m), a new max m' rescales them by
+// alpha = exp(m - m'): s' = alpha s, a' = alpha (a + (m - m') s).
 // m starts at -FLT_MAX (not -inf), so m - m' never is -inf - -inf; a row that only saw -inf keeps s = a = 0.
-void fold_lanes(const Tile& t, int64_t c, int64_t n, float* m_p, float* s_p, float* a_p) {
+inline void fold_block(const Tile& t, int64_t j0, int64_t nb, int64_t c, int64_t n, float* m_p, float* s_p,
+                       float* a_p) {
   Vec m = load(m_p + c, n), s = load(s_p + c, n), a = load(a_p + c, n);
-  const Vec lowest(std::numeric_limits<float>::lowest());
   Vec x[kBlock];
-  for (int64_t j0 = 0; j0 < t.vt; j0 += kBlock) {
-    const int64_t nb = std::min(kBlock, t.vt - j0);
-    Vec block_max(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < nb; ++j) {
-      x[j] = logit(t, j0 + j, c, n);
-      block_max = at::vec::maximum(block_max, x[j]);
-    }
-    const Vec m_new = at::vec::maximum(at::vec::maximum(m, block_max), lowest);
-    const Vec dm = clamp_exp_arg(m - m_new);
-    const Vec alpha = dm.exp();
-    a = alpha * (a + dm * s);
-    s = alpha * s;
-    for (int64_t j = 0; j < nb; ++j) {
-      const Vec d = clamp_exp_arg(x[j] - m_new);
-      const Vec e = d.exp();
-      s = s + e;
-      a = at::vec::fmadd(e, d, a);
-    }
-    m = m_new;
+  Vec block_max(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < nb; ++j) {
+    x[j] = logit(t, j0 + j, c, n);
+    block_max = at::vec::maximum(block_max, x[j]);
   }
-  store(m, m_p + c, n);
+  const Vec m_new = at::vec::maximum(at::vec::maximum(m, block_max), Vec(std::numeric_limits<float>::lowest()));
+  const Vec dm = clamp_exp_arg(m - m_new);
+  const Vec alpha = dm.exp();
+  a = alpha * (a + dm * s);
+  s = alpha * s;
+  for (int64_t j = 0; j < nb; ++j) {
+    const Vec d = clamp_exp_arg(x[j] - m_new);
+    const Vec e = d.exp();
+    s = s + e;
+    a = at::vec::fmadd(e, d, a);
+  }
+  store(m_new, m_p + c, n);
   store(s, s_p + c, n);
   store(a, a_p + c, n);
 }
 
-// Backward: overwrite lanes [c, c + n) of the tile with dz^T, where per position (log p = z - lse):
-//   dz = (g_lp ([v = t] - p) - g_ent p (log p + ent)) / T = p (c1 + c2 log p) + [v = t] g_lp / T,
-//   c1 = -(g_lp + g_ent ent) / T,  c2 = -g_ent / T   (both 0 on ignored positions: their dz is exactly 0).
-void dz_lanes(const Tile& t, int64_t c, int64_t n, const float* lse_p, const float* c1_p, const float* c2_p) {
-  const Vec lse = load(lse_p + c, n), c1 = load(c1_p + c, n), c2 = load(c2_p + c, n);
-  for (int64_t j = 0; j < t.vt; ++j) {
-    const Vec lp = clamp_exp_arg(logit(t, j, c, n) - lse);
-    const Vec p = lp.exp();
-    store(p * at::vec::fmadd(c2, lp, c1), t.z + j * t.ld + c, n);
+// Forward epilogue over positions [c0, c1) of the tile: blocks of kBlock vocabulary rows (outer) sweep the range's
+// lane groups (inner), so every load streams along a row of zT instead of striding across rows (one page each).
+void fold_range(const Tile& t, int64_t c0, int64_t c1, float* m_p, float* s_p, float* a_p) {
+  for (int64_t j0 = 0; j0 < t.vt; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, t.vt - j0);
+    for (int64_t c = c0; c < c1; c += kLanes) {
+      fold_block(t, j0, nb, c, std::min(kLanes, c1 - c), m_p, s_p, a_p);
+    }
   }
 }
 
-// Run `body(c, n)` over the tile's positions in vector-wide groups, in parallel over groups.
+// Backward epilogue: overwrite positions [c0, c1) of the tile with dz^T, where per position (log p = z - lse):
+//   dz = (g_lp ([v = t] - p) - g_ent p (log p + ent)) / T = p (c1 + c2 log p) + [v = t] g_lp / T,
+//   c1 = -(g_lp + g_ent ent) / T,  c2 = -g_ent / T   (both 0 on ignored positions: their dz is exactly 0).
+// The [v = t] term is added by the caller.
+void dz_range(const Tile& t, int64_t c0, int64_t c1, const float* lse_p, const float* c1_p, const float* c2_p) {
+  for (int64_t j = 0; j < t.vt; ++j) {
+    for (int64_t c = c0; c < c1; c += kLanes) {
+      const int64_t n = std::min(kLanes, c1 - c);
+      const Vec lp = clamp_exp_arg(logit(t, j, c, n) - load(lse_p + c, n));
+      const Vec p = lp.exp();
+      store(p * at::vec::fmadd(load(c2_p + c, n), lp, load(c1_p + c, n)), t.z + j * t.ld + c, n);
+    }
+  }
+}
+
+// Run `body(c0, c1)` on ranges of the tile's positions, in parallel: one contiguous range per thread, each starting
+// on a vector boundary.
 template <typename F>
-void for_each_lane_group(int64_t rows, const F& body) {
+void parallel_over_positions(int64_t rows, const F& body) {
   const int64_t groups = (rows + kLanes - 1) / kLanes;
   at::parallel_for(0, groups, kGrainLanes, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t c = g * kLanes;
-      body(c, std::min(kLanes, rows - c));
-    }
+    body(g0 * kLanes, std::min(g1 * kLanes, rows));
   });
 }
 
@@ -260,9 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
       at::Tensor zT = mm_nt(w, h.narrow(0, r0, rows), onednn);   // [vt, rows]
       TORCH_INTERNAL_ASSERT(zT.is_contiguous() && zT.scalar_type() == at::kFloat);
       const Tile tile{zT.data_ptr<float>(), rows, vt, rows, v0, b_p, static_cast<float>(inv_temp)};
-      for_each_lane_group(rows, [&](int64_t c, int64_t n) {
-        fold_lanes(tile, c, n, m_p + r0, s_p + r0, a_p + r0);
-        for (int64_t i = c; i < c + n; ++i) {
+      parallel_over_positions(rows, [&](int64_t c0, int64_t c1) {
+        fold_range(tile, c0, c1, m_p + r0, s_p + r0, a_p + r0);
+        for (int64_t i = c0; i < c1; ++i) {
           const int64_t j = t_p[r0 + i] - v0;
           if (j >= 0 && j < vt) {
             zt_p[r0 + i] = logit_scalar(tile, j, i);
@@ -295,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor tgt = targets.to(at::kLong).contiguous();
 
-  // Per-position coefficients of dz (see dz_lanes), with ignored positions zeroed.
+  // Per-position coefficients of dz (see dz_range), with ignored positions zeroed.
   const at::Tensor valid = tgt.ne(ignore_index);
   const at::Tensor g_lp = at::where(valid, grad_logp.to(at::kFloat), 0.0f);
   const at::Tensor g_ent = grad_entropy.has_value() ? at::where(valid, grad_entropy->to(at::kFloat), 0.0f)
@@ -331,9 +339,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
       at::Tensor dzT = mm_nt(w, h_r, onednn);                        // logits^T [vt, rows], then dz^T in place
       TORCH_INTERNAL_ASSERT(dzT.is_contiguous() && dzT.scalar_type() == at::kFloat);
       const Tile tile{dzT.data_ptr<float>(), rows, vt, rows, v0, b_p, static_cast<float>(inv_temp)};
-      for_each_lane_group(rows, [&](int64_t c, int64_t n) {
-        dz_lanes(tile, c, n, lse_p + r0, c1_p + r0, c2_p + r0);
-        for (int64_t i = c; i < c + n; ++i) {
+      parallel_over_positions(rows, [&](int64_t c0, int64_t c1) {
+        dz_range(tile, c0, c1, lse_p + r0, c1_p + r0, c2_p + r0);
+        for (int64_t i = c0; i < c1; ++i) {
           const int64_t j = t_p[r0 + i] - v0;
           if (j >= 0 && j < vt) {
             tile.z[j * tile.ld + i] += gt_p[r0 + i];
