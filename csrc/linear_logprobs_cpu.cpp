@@ -146,13 +146,31 @@ inline float logit_scalar(const Tile& t, int64_t j, int64_t c) {
   return x * t.inv_temp;
 }
 
-// Forward: fold vocabulary rows [j0, j0 + nb) of the tile, lanes [c, c + n), into the running (m, s, a) of those
-// positions. With s = sum exp(z - m) and a = sum exp(z - m) (z - m), a new max m' rescales them by
-// alpha = exp(m - m'): s' = alpha s, a' = alpha (a + (m - m') s).
+// Running per-position sums of the forward, compensated (Kahan): a plain FP32 sum over a 32k vocabulary loses
+// ~sqrt(V) ulps, 5x the error of PyTorch's own logsumexp; with compensation only each 16-entry block's own sum
+// rounds. True values: s - cs, a - ca.
+struct RunningSums {
+  float* m;    // running max (starts at -FLT_MAX)
+  float* s;    // sum exp(z - m)
+  float* cs;   // its compensation
+  float* a;    // sum exp(z - m) (z - m)
+  float* ca;   // its compensation
+};
+
+inline void kahan_add(Vec& sum, Vec& comp, const Vec& x) {
+  const Vec y = x - comp;
+  const Vec t = sum + y;
+  comp = (t - sum) - y;
+  sum = t;
+}
+
+// Forward: fold vocabulary rows [j0, j0 + nb) of the tile, lanes [c, c + n), into the running sums of those
+// positions. A new max m' rescales them by alpha = exp(m - m'): s' = alpha s, a' = alpha (a + (m - m') s), and
+// their compensations alike (exact when the max did not move: alpha = 1, m - m' = 0).
 // m starts at -FLT_MAX (not -inf), so m - m' never is -inf - -inf; a row that only saw -inf keeps s = a = 0.
-inline void fold_block(const Tile& t, int64_t j0, int64_t nb, int64_t c, int64_t n, float* m_p, float* s_p,
-                       float* a_p) {
-  Vec m = load(m_p + c, n), s = load(s_p + c, n), a = load(a_p + c, n);
+inline void fold_block(const Tile& t, int64_t j0, int64_t nb, int64_t c, int64_t n, const RunningSums& r) {
+  const Vec m = load(r.m + c, n);
+  Vec s = load(r.s + c, n), cs = load(r.cs + c, n), a = load(r.a + c, n), ca = load(r.ca + c, n);
   Vec x[kBlock];
   Vec block_max(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < nb; ++j) {
@@ -163,25 +181,32 @@ inline void fold_block(const Tile& t, int64_t j0, int64_t nb, int64_t c, int64_t
   const Vec dm = clamp_exp_arg(m - m_new);
   const Vec alpha = dm.exp();
   a = alpha * (a + dm * s);
+  ca = alpha * (ca + dm * cs);
   s = alpha * s;
+  cs = alpha * cs;
+  Vec block_s(0.0f), block_a(0.0f);
   for (int64_t j = 0; j < nb; ++j) {
     const Vec d = clamp_exp_arg(x[j] - m_new);
     const Vec e = d.exp();
-    s = s + e;
-    a = at::vec::fmadd(e, d, a);
+    block_s = block_s + e;
+    block_a = at::vec::fmadd(e, d, block_a);
   }
-  store(m_new, m_p + c, n);
-  store(s, s_p + c, n);
-  store(a, a_p + c, n);
+  kahan_add(s, cs, block_s);
+  kahan_add(a, ca, block_a);
+  store(m_new, r.m + c, n);
+  store(s, r.s + c, n);
+  store(cs, r.cs + c, n);
+  store(a, r.a + c, n);
+  store(ca, r.ca + c, n);
 }
 
 // Forward epilogue over positions [c0, c1) of the tile: blocks of kBlock vocabulary rows (outer) sweep the range's
 // lane groups (inner), so every load streams along a row of zT instead of striding across rows (one page each).
-void fold_range(const Tile& t, int64_t c0, int64_t c1, float* m_p, float* s_p, float* a_p) {
+void fold_range(const Tile& t, int64_t c0, int64_t c1, const RunningSums& r) {
   for (int64_t j0 = 0; j0 < t.vt; j0 += kBlock) {
     const int64_t nb = std::min(kBlock, t.vt - j0);
     for (int64_t c = c0; c < c1; c += kLanes) {
-      fold_block(t, j0, nb, c, std::min(kLanes, c1 - c), m_p, s_p, a_p);
+      fold_block(t, j0, nb, c, std::min(kLanes, c1 - c), r);
     }
   }
 }
@@ -253,9 +278,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
   const at::Tensor h = hidden.to(at::kFloat).contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor tgt = targets.to(at::kLong).contiguous();
-  at::Tensor m = at::full({N}, std::numeric_limits<float>::lowest(), f32);
-  at::Tensor s = at::zeros({N}, f32), a = at::zeros({N}, f32), zt = at::zeros({N}, f32);
-  float *m_p = m.data_ptr<float>(), *s_p = s.data_ptr<float>(), *a_p = a.data_ptr<float>();
+  // Running sums, one row each: max, sum exp, its compensation, sum exp * (z - max), its compensation.
+  at::Tensor sums = at::zeros({5, N}, f32);
+  sums[0].fill_(std::numeric_limits<float>::lowest());
+  at::Tensor zt = at::zeros({N}, f32);
+  float* base = sums.data_ptr<float>();
   float* zt_p = zt.data_ptr<float>();
   const int64_t* t_p = tgt.data_ptr<int64_t>();
   const float* b_p = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -269,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
       TORCH_INTERNAL_ASSERT(zT.is_contiguous() && zT.scalar_type() == at::kFloat);
       const Tile tile{zT.data_ptr<float>(), rows, vt, rows, v0, b_p, static_cast<float>(inv_temp)};
       parallel_over_positions(rows, [&](int64_t c0, int64_t c1) {
-        fold_range(tile, c0, c1, m_p + r0, s_p + r0, a_p + r0);
+        fold_range(tile, c0, c1, RunningSums{base + r0, base + N + r0, base + 2 * N + r0, base + 3 * N + r0,
+                                             base + 4 * N + r0});
         for (int64_t i = c0; i < c1; ++i) {
           const int64_t j = t_p[r0 + i] - v0;
           if (j >= 0 && j < vt) {
@@ -280,8 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     }
   }
   // lse = m + log s; entropy = -sum p (z - lse) = log s - a / s.
+  const at::Tensor s = sums[1] - sums[2], a = sums[3] - sums[4];
   const at::Tensor log_s = s.log();
-  return {m + log_s, log_s - a / s, zt};
+  return {sums[0] + log_s, log_s - a / s, zt};
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
