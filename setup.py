@@ -33,6 +33,10 @@ setup(
         "vllm": ["vllm"],
         "flash-attn": ["flash-attn"],
         "test": ["pytest>=8", "hypothesis>=6.100"],
+        # python -m bench: the PNG plots, the progress bar, and the peers it compares against (Liger-Kernel, Cut
+        # Cross-Entropy: both need only torch and triton). Without them it writes the table, JSON and CSV, and skips
+        # the peers with that reason.
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60", "liger-kernel>=0.6", "cut-cross-entropy>=25.1"],
     },
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )
