@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .report import _fmt as _f, _mib, _ms
+
 __all__ = ["load", "compare", "main"]
 
 Key = tuple[str, str, str, int, str]
@@ -41,18 +43,6 @@ def _ratio(b: Optional[float], a: Optional[float]) -> Optional[float]:
     if a is None or b is None or a <= 0 or not math.isfinite(a) or not math.isfinite(b):
         return None
     return b / a
-
-
-def _f(x: Optional[float], spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _ms(x: Optional[float]) -> str:
-    return "-" if x is None else (f"{x:,.0f}" if x >= 1000 else f"{x:.3g}")
-
-
-def _mib(n: Optional[float]) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
 _COLUMNS = [  # (header, width, (key, a, b, time ratio, memory ratio) -> text); the first 5 are left-aligned
