@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import sys
 import zlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist

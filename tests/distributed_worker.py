@@ -30,7 +30,7 @@ FP32 = {"logp": 2e-5, "ent": 2e-5, "dh": 5e-5, "dW": 5e-5, "db": 5e-5}   # rlcor
 
 
 def uneven_sizes(V: int, world: int) -> list:
-    """Deliberately unequal shard sizes summing to V: rank r gets about (r + 1) / sum parts, the last the rest."""
+    """Deliberately unequal shard sizes summing to V, in proportions 1 : 3 : 5 (2 ranks: 1 : 3)."""
     weights = [((r * 7) % 5) + 1 for r in range(world)]
     sizes = [max(1, V * w // sum(weights)) for w in weights[:-1]]
     return sizes + [V - sum(sizes)]
@@ -245,14 +245,14 @@ def _dtensor(x, mesh, placements):
 
 
 def dtensor_head(world):
-    """A DTensor head sharded on the vocabulary (uneven: V = 5 world + 2): with its mesh's group as
+    """A DTensor head sharded on the vocabulary (unevenly: V = 5 world + 1): with its mesh's group as
     ``process_group`` it runs vocabulary-parallel; without a group it is gathered. Both give the truth, and the
     DTensors' gradients are the truth's rows of each rank's shard."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
 
     mesh = init_device_mesh("cpu", (world,))
-    V = 5 * world + 2
+    V = 5 * world + 1
     case = head_case(14, 8, V, seed=9)
     want = truth(case, temperature=0.9)
     for group in (mesh.get_group(), None):
@@ -341,6 +341,17 @@ def error_one_rank_rejects(world):
         expect_error(_call(case, [4] * world), ValueError, "rank(s) [1] rejected their inputs")
 
 
+def error_dtensor_not_sharded_on_the_group(world):
+    """A replicated DTensor head with a process_group is no vocabulary shard: ValueError naming the weight."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+
+    case = head_case(9, 8, 4 * world, seed=10)
+    w = _dtensor(case["weight"], init_device_mesh("cpu", (world,)), [Replicate()])
+    expect_error(lambda: rlcore.linear_logprobs(case["hidden"], w, case["targets"], process_group=dist.group.WORLD),
+                 ValueError, "weight is a DTensor", "Shard(0)")
+
+
 def error_single_pass_with_group(world):
     batch = make_batch(2, 3, 4, 5, seed=1)
     expect_error(lambda: rlcore.fused_policy_loss(batch["hidden"], batch["weight"], batch["targets"],
@@ -353,7 +364,8 @@ PARALLEL = {f.__name__: f for f in (
     even_float64, uneven_temperature, ignore_index_is_a_vocabulary_id, only_logp_or_only_entropy, no_bias_float32,
     triton_backend, shard_with_no_mass, every_target_on_one_rank, fused_gspo_packed, fused_ppo_padded,
     fused_cispo_packed, dtensor_head, error_hidden_size_differs, error_rows_differ, error_dtype_differs,
-    error_target_outside_every_shard, error_targets_differ, error_one_rank_rejects, error_single_pass_with_group,
+    error_target_outside_every_shard, error_targets_differ, error_one_rank_rejects, error_dtensor_not_sharded_on_the_group,
+    error_single_pass_with_group,
 )}
 
 

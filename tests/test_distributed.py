@@ -13,8 +13,11 @@ One spawned run per (suite, world size) serves all its checks: process start-up 
 import functools
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,7 +56,11 @@ def spawn(suite: str, world: int) -> tuple:
         results = []
         for r in range(world):
             path = os.path.join(tmp, f"rank{r}.json")
-            results.append(json.load(open(path)) if os.path.exists(path) else None)
+            if not os.path.exists(path):
+                results.append(None)
+                continue
+            with open(path) as f:
+                results.append(json.load(f))
     return tuple(results), ending
 
 
@@ -102,3 +109,18 @@ def test_a_group_of_one_is_the_local_op(tmp_path):
         dist.destroy_process_group()
     for x, y in zip(*runs):
         assert torch.equal(x, y)
+
+
+def test_torchrun_one_node_command():
+    """The README's one-node command, as written: ``torchrun --standalone --nproc-per-node 2 -m
+    rlcore.validate_distributed`` (gloo on this CPU) prints PASS."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "rlcore.validate_distributed", "--vocab", "301", "--tokens", "64"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    out = proc.stdout + proc.stderr
+    # The verdict, not the exit status: gloo's teardown at interpreter exit now and then aborts a rank that has
+    # already finished (a known c10d issue, unrelated to the check); a FAIL never prints PASS.
+    assert "PASS" in proc.stdout, out[-3000:]
+    assert "rank 0 holds rows [0, 150)" in proc.stdout, "the shards are not the uneven split the check describes"
