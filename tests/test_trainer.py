@@ -7,6 +7,7 @@ Every run is a tiny random Llama (hidden 64, 2 layers, vocabulary 19) for a hand
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_fused_step_equals_the_models_logits(tmp_path, algo):
     tr = Trainer(cfg)
     tr.sft()
     tr._start_rl()
-    trajs = tr._rollout(tr.train_pool[:cfg.prompts_per_step], cfg.group, tr.engine)
+    trajs = tr._rollout(tr.train_pool[:cfg.prompts], cfg.group, tr.engine)
     batch = collate(trajs, tr.tok.PAD)
     old = batch_logprobs(tr.objective, batch)
     ref = batch_logprobs(tr.ref, batch) if tr.ref is not None else None
@@ -258,7 +259,10 @@ def test_cli_bad_config_exits_2_with_the_reason():
 def test_torchrun_two_gloo_ranks(tmp_path, parallel):
     """Two CPU ranks (gloo) under torchrun: SFT, RL steps, a checkpoint, metrics from rank 0."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    with socket.socket() as sock:                                    # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "rlcore", "train", "--algo", "gspo", "--out", str(out), "--steps", "3", "--sft-steps", "3",
            "--prompts-per-step", "2", "--group-size", "4", "--train-prompts", "32", "--eval-prompts", "8",
            "--eval-every", "3", "--save-every", "2", "--no-plot", "--no-progress", "--engine", "transformers",

@@ -31,7 +31,8 @@ class AlgoSpec:
     loss_type: str
     family: str                       # "clip" or "regression"
     group_size: int                   # default samples per prompt
-    lr: float                         # default learning rate for the demo's tiny model
+    prompts: int                      # default prompts per step
+    lr: float                         # default learning rate (tuned on the demo's tiny model)
     advantage: Optional[str] = None
     agg: Optional[str] = None         # None: the loss type's preset
     anchor: Optional[str] = None      # "ref" (apo), "sampler" (oapl), "old" (kimi, rebel)
@@ -46,16 +47,16 @@ class AlgoSpec:
 
 ALGORITHMS: Dict[str, AlgoSpec] = {
     # the clipped family, group advantages
-    "grpo": AlgoSpec("ppo", "clip", 8, 1e-3, "normalized", agg="seq-mean-token-mean"),
-    "dapo": AlgoSpec("dapo", "clip", 8, 1e-3, "normalized", drop_flat_groups=True),
-    "dr_grpo": AlgoSpec("dr_grpo", "clip", 8, 1e-3, "centered"),
-    "gspo": AlgoSpec("gspo", "clip", 8, 1e-3, "normalized"),
-    "cispo": AlgoSpec("cispo", "clip", 8, 1e-3, "normalized"),
+    "grpo": AlgoSpec("ppo", "clip", 8, 32, 3e-4, "normalized", agg="seq-mean-token-mean"),
+    "dapo": AlgoSpec("dapo", "clip", 8, 32, 3e-4, "normalized", drop_flat_groups=True),
+    "dr_grpo": AlgoSpec("dr_grpo", "clip", 8, 32, 3e-4, "centered"),
+    "gspo": AlgoSpec("gspo", "clip", 8, 32, 3e-4, "normalized"),
+    "cispo": AlgoSpec("cispo", "clip", 8, 32, 3e-4, "normalized"),
     # the squared-regression family
-    "apo": AlgoSpec("apo", "regression", 1, 1e-3, anchor="ref"),
-    "oapl": AlgoSpec("oapl", "regression", 8, 1e-3, anchor="sampler"),
-    "kimi": AlgoSpec("kimi", "regression", 8, 1e-3, anchor="old"),
-    "rebel": AlgoSpec("rebel", "regression", 2, 1e-3, anchor="old"),
+    "apo": AlgoSpec("apo", "regression", 1, 64, 5e-4, anchor="ref"),
+    "oapl": AlgoSpec("oapl", "regression", 8, 32, 3e-4, anchor="sampler"),
+    "kimi": AlgoSpec("kimi", "regression", 8, 32, 3e-4, anchor="old"),
+    "rebel": AlgoSpec("rebel", "regression", 2, 64, 3e-4, anchor="old"),
 }
 
 

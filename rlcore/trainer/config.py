@@ -26,7 +26,7 @@ IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
 class TrainConfig:
     """One RL run. Defaults are the demo: the ``add`` task, a tiny random Llama, SFT warm-up, then RL.
 
-    ``None`` for ``group_size``, ``lr``, ``beta2``, ``eps_low``, ``eps_high`` means the algorithm's default
+    ``None`` for ``group_size``, ``prompts_per_step``, ``lr``, ``beta2``, ``eps_low``, ``eps_high`` means the algorithm's default
     (``rlcore.trainer.algorithms.ALGORITHMS``).
     """
 
@@ -49,17 +49,17 @@ class TrainConfig:
     #                                       gains nothing from intra-op threads, and on a busy machine they spin
     head_precision: str = "fp32"          # rlcore.linear_logprobs precision of the LM head (the FP32 head)
     # ---- SFT warm-up (the default task starts from a random model)
-    sft_steps: int = 150
+    sft_steps: int = 200
     sft_batch: int = 64
     sft_lr: float = 3e-3
     # ---- rollouts
     engine: str = "auto"                  # vllm when importable and asked for; auto = transformers
-    prompts_per_step: int = 16
+    prompts_per_step: Optional[int] = None
     group_size: Optional[int] = None
     max_new_tokens: int = 6
     temperature: float = 1.0
     # ---- optimisation
-    steps: int = 150
+    steps: int = 300
     lr: Optional[float] = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -79,8 +79,8 @@ class TrainConfig:
     oapl_lag: int = 4                     # OAPL: the sampler is synced to the policy every oapl_lag steps
     oapl_buffer: int = 4                  # OAPL: rollout batches kept; each step trains on one drawn from them
     # ---- bookkeeping
-    eval_every: int = 10
-    log_every: int = 10
+    eval_every: int = 25
+    log_every: int = 25
     save_every: int = 50
     resume: bool = True                   # continue from out/checkpoint.pt when it exists
     plot: bool = True
@@ -104,6 +104,10 @@ class TrainConfig:
         return self.spec.group_size if self.group_size is None else self.group_size
 
     @property
+    def prompts(self) -> int:
+        return self.spec.prompts if self.prompts_per_step is None else self.prompts_per_step
+
+    @property
     def learning_rate(self) -> float:
         return self.spec.lr if self.lr is None else self.lr
 
@@ -123,7 +127,7 @@ class TrainConfig:
         if self.algo == "apo" and g != 1:
             raise ValueError(f"algo 'apo' samples one completion per prompt online (V* replaces the group): "
                              f"group_size must be 1, got {g}")
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "epochs", "sft_batch", "train_prompts",
+        for name in ("steps", "prompts", "max_new_tokens", "epochs", "sft_batch", "train_prompts",
                      "eval_prompts", "apo_samples", "oapl_lag", "oapl_buffer", "eval_every", "log_every",
                      "save_every", "model_hidden", "model_layers", "model_heads", "task_digits"):
             value = getattr(self, name)
@@ -158,7 +162,7 @@ class TrainConfig:
 
 
 # The demo shortened to a few minutes on a 2-core CPU (rlcore train --quick).
-QUICK: Dict[str, Any] = dict(steps=60, eval_every=10, save_every=30)
+QUICK: Dict[str, Any] = dict(steps=120, eval_every=20, log_every=20, save_every=60)
 
 
 def resolve_reward(cfg: TrainConfig):

@@ -98,7 +98,8 @@ def all_gather_object(obj: Any) -> List[Any]:
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+    # cpu_offload=True would leave the full state on rank 0 only; every rank needs it (sampler sync, equal loads)
+    return StateDictOptions(full_state_dict=True, **kw)
 
 
 def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

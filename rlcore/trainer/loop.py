@@ -19,6 +19,7 @@ reference, lagged sampler, buffer, every rank's RNG, step), and ``out/reward.png
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -69,11 +70,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)                      # the same initial weights on every rank
         self.model = build_model(cfg, self.tok.vocab_size, pad_id=self.tok.PAD, bos_id=self.tok.BOS,
                                  eos_id=self.tok.EOS, device=self.device)
+        self.sharded = dist.world() > 1 and cfg.parallel == "fsdp2"
+        # an unsharded copy to sample from, taken before wrapping (a lagged sampler, or the policy under FSDP2)
+        needs_copy = engine is None and (cfg.algo == "oapl" or self.sharded) and cfg.engine != "vllm"
+        self._sampler_model = copy.deepcopy(self.model) if needs_copy else None
+        self._eval_model = copy.deepcopy(self.model) if self.sharded else self.model
         self.objective = dist.wrap(PolicyObjective(self.model, temperature=cfg.temperature,
                                                    precision=cfg.head_precision), cfg.parallel)
         torch.manual_seed(cfg.seed + 1000 * dist.rank())  # each rank samples differently
         self.rng = random.Random(f"{cfg.seed}-{dist.rank()}")
-        self.sharded = dist.world() > 1 and cfg.parallel == "fsdp2"
         self.spec = cfg.spec
         self.step = 0
         self.ref: Optional[PolicyObjective] = None
@@ -82,7 +87,7 @@ class Trainer:
         self.sampler_state: Optional[Dict[str, torch.Tensor]] = None
         self.engine = engine if engine is not None else self._make_engine()
         self.engine_is_policy = isinstance(self.engine, TransformersEngine) and not self.engine.own_copy
-        self.eval_engine = (TransformersEngine(self.model, pad_id=self.tok.PAD, own_copy=self.sharded))
+        self.eval_engine = TransformersEngine(self._eval_model, pad_id=self.tok.PAD, own_copy=self.sharded)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.history: List[Dict] = []
 
@@ -101,8 +106,9 @@ class Trainer:
             from .vllm_engine import VLLMEngine
 
             return VLLMEngine(self.model, pad_id=self.tok.PAD, workdir=self.out / "vllm", seed=cfg.seed + dist.rank())
-        lagged = cfg.algo == "oapl"
-        return TransformersEngine(self.model, pad_id=self.tok.PAD, own_copy=lagged or self.sharded)
+        if self._sampler_model is not None:
+            return TransformersEngine(self._sampler_model, pad_id=self.tok.PAD, own_copy=True)
+        return TransformersEngine(self.model, pad_id=self.tok.PAD)
 
     def _new_optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.objective.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
@@ -219,7 +225,7 @@ class Trainer:
                 self._sync_engine(self.engine)
         elif not self.engine_is_policy:
             self._sync_engine(self.engine)
-        prompts = [self.rng.choice(self.train_pool) for _ in range(cfg.prompts_per_step)]
+        prompts = [self.rng.choice(self.train_pool) for _ in range(cfg.prompts)]
         fresh = collate(self._rollout(prompts, cfg.group, self.engine), self.tok.PAD, self.device)
         t_roll = time.time() - t0
         if self.buffer is not None:

@@ -15,7 +15,6 @@ masked out of the loss) and :func:`collate` turns trajectories into a padded :cl
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -49,12 +48,13 @@ class RolloutEngine(ABC):
 class TransformersEngine(RolloutEngine):
     """Sampling with ``model.generate``.
 
-    ``own_copy=False`` samples from ``model`` itself (on-policy, nothing to sync). ``own_copy=True`` keeps a private
-    copy that changes only on :meth:`load_weights`: a lagged sampler (OAPL), or a full copy of a sharded policy.
+    ``own_copy=False``: ``model`` is the live policy (on-policy sampling, nothing to sync). ``own_copy=True``:
+    ``model`` is the engine's own copy, which changes only on :meth:`load_weights`: a lagged sampler (OAPL), or an
+    unsharded copy of an FSDP2 policy. The caller makes that copy (a sharded module cannot be deep-copied).
     """
 
     def __init__(self, model, *, pad_id: int, own_copy: bool = False):
-        self.model = copy.deepcopy(model) if own_copy else model
+        self.model = model
         self.own_copy = own_copy
         self.pad_id = pad_id
 
