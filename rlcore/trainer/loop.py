@@ -35,7 +35,7 @@ from . import dist
 from .algorithms import SamplerBuffer, flat_groups, loss_kwargs, offline_vstar, state_digest
 from .config import TrainConfig, resolve_reward
 from .policy import PolicyObjective, batch_logprobs, build_model
-from .rollout import RolloutBatch, RolloutEngine, TransformersEngine, collate, rollout
+from .rollout import RolloutBatch, RolloutEngine, Trajectory, TransformersEngine, collate, rollout
 from .tasks import make_task
 
 __all__ = ["Trainer", "train"]
@@ -144,11 +144,9 @@ class Trainer:
                 _say(f"[sft] step {i + 1}/{cfg.sft_steps}  nll {loss.item():.3f}  ({time.time() - t0:.0f}s)")
 
     def _demo_batch(self, prompts: List[str]) -> RolloutBatch:
-        from .rollout import Trajectory
-
         trajs = []
         for p in prompts:
-            tokens, policy = self.tok.encode(p, bos=True), []
+            tokens = self.tok.encode(p, bos=True)
             policy = [False] * len(tokens)
             for text, by_policy in self.task.demonstration(p):
                 ids = self.tok.encode(text)
