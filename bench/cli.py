@@ -14,6 +14,7 @@ from .cases import CASES, FLOP_CONVENTION, LOGIT_STD, SAMPLE_ROWS
 from .env import REPO_ROOT, environment
 from .harness import TimingPolicy
 from .providers import PROVIDERS
+from .plots import plots_unavailable, write_plots
 from .report import progress_line, table, write_files
 from .runner import DTYPES, FIELDS, Config, plan, run
 from .shapes import SHAPES, default_shapes
@@ -73,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _progress(total: int):
-    """``(report(line), close())``: a tqdm bar when tqdm is importable (it is not a dependency), else plain prints."""
+    """``(report(line), close())``: a tqdm bar (the ``bench`` extra) under the row lines when tqdm is importable, else
+    each line prefixed with ``[k/total]``."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -139,9 +141,12 @@ def main(argv=None) -> int:
         if rows:
             stem = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
             json_path, csv_path = write_files(rows, meta, list(env) + FIELDS, out_dir, stem)
+            pngs = write_plots(rows, meta, out_dir, stem)
             print()
             print(table(rows))
             print(f"\nwrote {json_path} and {csv_path.name} ({len(rows)} rows) in {time.perf_counter() - t0:.0f} s")
+            print(f"plots: {', '.join(p.name for p in pngs)}" if pngs else
+                  f"plots: none ({plots_unavailable() or 'no measured rows'})")
     errors = sum(r["status"] == "error" for r in rows)
     if errors:
         print(f"{errors} row(s) failed: see the tracebacks above", file=sys.stderr)

@@ -15,6 +15,18 @@
                    first use); loss cases: ``rlcore.fused_policy_loss(strategy="two_pass", backend="cpp")``
     rlcore-triton  ``rlcore.linear_logprobs(backend="triton")``: the fused kernels (CUDA only); loss cases:
                    ``rlcore.fused_policy_loss(strategy="two_pass", backend="triton")``
+    rlcore-triton-fp32  the same with ``precision="fp32"``: the FP32 head (the trainer/inference mismatch fix), which
+                   matters for bf16 inputs
+
+Peers, each skipped with the reason when its package is not installed (none is a dependency of rlcore):
+    liger-flce     Liger-Kernel's fused linear cross-entropy (Triton, CUDA only), ``reduction="none"``, log-prob =
+                   minus the per-token loss; no entropy output, so not in ``fwd_bwd``; loss cases: its log-probs
+                   composed with ``rlcore.policy_loss``
+    liger-grpo     Liger-Kernel's chunked fused-linear GRPO loss (``LigerFusedLinearGRPOLoss``, pure PyTorch under
+                   ``torch.compile``, so it runs on CPU too) configured to compute the same loss as rlcore's preset:
+                   ``loss_gspo`` (sequence-level ratio, GSPO's clip range) and ``loss_cispo``; it has no A*PO loss
+    cce            Apple's Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (Triton, CUDA only), with its
+                   default gradient filtering; no entropy, so not in ``fwd_bwd``; loss cases: composed like liger-flce
 
 New providers (peers such as Liger or Cut Cross-Entropy) subclass ``LogprobsProvider`` and join ``PROVIDERS``. A
 ``LogprobsProvider`` runs the loss cases as its log-probs composed with ``rlcore.policy_loss`` unless it overrides
@@ -23,6 +35,7 @@ New providers (peers such as Liger or Cut Cross-Entropy) subclass ``LogprobsProv
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -33,6 +46,7 @@ import torch
 
 import rlcore
 from rlcore.fused import CHUNK_BUDGET
+from rlcore.losses import _PRESETS
 from rlcore.reference import linear_logprobs_reference
 
 from .cases import Case, Inputs, LogprobsFn, LossFn, loss_layout
@@ -251,6 +265,131 @@ class RlcoreTriton(LogprobsProvider):
         return _fused(strategy="two_pass", backend="triton")
 
 
+class RlcoreTritonFP32(RlcoreTriton):
+    name = "rlcore-triton-fp32"
+
+    def logprobs_fn(self):
+        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="triton",
+                                                           precision="fp32")
+
+    def loss_fn(self, case, inp):
+        return _fused(strategy="two_pass", backend="triton", precision="fp32")
+
+
+def _missing(module: str, package: str) -> Optional[str]:
+    """Why ``module`` cannot be imported (``package`` is what to pip install), or ``None``."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"{package} is not installed ({type(e).__name__}: {e})"[:200]
+    return None
+
+
+def _first(out):
+    """The loss tensor of a peer's autograd function, which may return it alone or first in a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Peer(LogprobsProvider):
+    """A peer's fused linear cross-entropy: log-prob = minus its per-token loss (``reduction="none"``). It computes no
+    entropy, so it does not run ``fwd_bwd`` (log-probs *and* entropy); the loss cases compose its log-probs with
+    ``rlcore.policy_loss``."""
+
+    module: str
+    package: str
+
+    def unavailable(self, ctx):
+        if ctx.device.type != "cuda":
+            return f"{self.package}'s kernel needs CUDA (Triton)"
+        return _missing(self.module, self.package)
+
+    def not_for(self, case):
+        if case.name == "fwd_bwd":
+            return f"{self.package} has no entropy output (fwd_bwd differentiates log-probs and entropy)"
+        return None
+
+    def logprobs_fn(self):
+        ce = self.cross_entropy()
+
+        def logprobs(h, w, t, ent):
+            assert not ent, "not_for excludes the entropy case"
+            return -ce(h, w, t)
+        return logprobs
+
+    def cross_entropy(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(hidden [N, H], weight [V, H], targets [N]) -> per-token cross-entropy [N]``."""
+        raise NotImplementedError
+
+
+class LigerFLCE(_Peer):
+    name = "liger-flce"
+    module = "liger_kernel.ops.fused_linear_cross_entropy"
+    package = "liger-kernel"
+
+    def cross_entropy(self):
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as F
+
+        # positional: input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing,
+        # reduction (stable across Liger 0.5-0.8)
+        return lambda h, w, t: _first(F.apply(h, w, t, None, None, -100, 0.0, 0.0, "none"))
+
+
+class CutCrossEntropy(_Peer):
+    name = "cce"
+    module = "cut_cross_entropy"
+    package = "cut-cross-entropy"
+
+    def cross_entropy(self):
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, t: linear_cross_entropy(h, w, t, reduction="none")
+
+
+class LigerGRPO(Provider):
+    """``LigerFusedLinearGRPOLoss`` set up to equal ``rlcore.policy_loss``'s preset (the bench checks it: its
+    ``err_loss`` is against the same float64 truth as every other provider's):
+
+    - ``loss_gspo``: ``loss_type="grpo"`` (per-sequence token mean, then the mean over sequences) with
+      ``importance_sampling_level="sequence"`` and rlcore's GSPO clip range;
+    - ``loss_cispo``: ``loss_type="cispo"`` (token mean), whose ``epsilon_high`` is the absolute cap on the weight,
+      ``1 + eps_high`` in rlcore's terms;
+    - ``beta=0``, no reference model: rlcore's presets have no KL term.
+    """
+
+    name = "liger-grpo"
+    compiles = True          # Liger compiles each chunk's loss with torch.compile (its default)
+
+    def unavailable(self, ctx):
+        return _missing("liger_kernel.chunked_loss", "liger-kernel")
+
+    def not_for(self, case):
+        if not case.is_loss:
+            return "a policy loss: runs in the loss_* cases only"
+        if case.loss_type not in ("gspo", "cispo"):
+            return f"Liger has no {case.loss_type} loss (no squared-regression losses)"
+        return None
+
+    @staticmethod
+    def options(loss_type: str) -> dict:
+        preset = _PRESETS[loss_type]
+        if loss_type == "gspo":
+            return dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=preset.eps_low,
+                        epsilon_high=preset.eps_high)
+        return dict(loss_type="cispo", epsilon_high=1.0 + preset.eps_high)
+
+    def build(self, case, inp):
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, **self.options(case.loss_type))
+
+        def loss_fn(hidden, weight, targets, advantages, mask, kwargs):
+            return _first(module(hidden, weight, targets, mask.to(torch.float32), advantages,
+                                 old_per_token_logps=kwargs["old_logp"]))
+        return case.call(loss_fn, inp)
+
+
 # Run order within a group: the floor and the reference first, so every later row's ratios are known when it prints.
-PROVIDERS: dict[str, Provider] = {p.name: p for p in (GemmFloor(), Reference(), Compiled(), RlcoreTorch(),
-                                                      Rlcore1Pass(), RlcoreCpp(), RlcoreTriton())}
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    GemmFloor(), Reference(), Compiled(), RlcoreTorch(), Rlcore1Pass(), RlcoreCpp(), RlcoreTriton(),
+    RlcoreTritonFP32(), LigerFLCE(), LigerGRPO(), CutCrossEntropy(),
+)}

@@ -37,16 +37,20 @@ SHAPES: dict[str, Shape] = {s.name: s for s in (
     Shape("tiny", 64, 1000, "for tests: a whole --quick run in seconds", tokens=(100, 1024)),
 )}
 
-# Token counts N per (device type, quick), and per case where they differ. CPU: 0.06-0.18 TFLOP/s on the 2 cores of
-# the dev box, so one cpu-small fwd_bwd call at N = 8192 is 10-25 s of bare GEMMs; --quick keeps that one large
-# group (where the [N, V] logits cost gigabytes), runs fwd at 1024 only, and each policy loss at 2048 (4 sequences of
-# 512 tokens: see bench.cases.loss_layout). GPU: bf16 RL micro-batches.
+# Token counts N per (device type, quick), and per case where they differ: 1k to 64k tokens on GPU, where a provider
+# that would not fit (the materialised reference at 64k x 128k-262k logits) is skipped with the memory it needs.
+# - CPU: 0.2-0.4 TFLOP/s on the 2 cores of the dev box, so one cpu-small fwd_bwd call at N = 8192 is seconds of bare
+#   GEMMs and the full run stops at 16k. --quick keeps one large group, fwd_bwd at N = 8192 (where the [N, V] logits
+#   cost gigabytes), runs fwd at 1024 only, and each policy loss at 2048 (4 sequences of 512 tokens: see
+#   bench.cases.loss_layout).
+# - GPU: bf16 RL micro-batches, 1k-64k tokens.
+_LOSS_CASES = ("loss_gspo", "loss_cispo", "loss_apo")
 _TOKENS = {
-    ("cpu", True): {"fwd": (1024,), "fwd_bwd": (1024, 8192),
-                    "loss_gspo": (2048,), "loss_cispo": (2048,), "loss_apo": (2048,)},
-    ("cpu", False): (1024, 4096, 8192),
+    ("cpu", True): {"fwd": (1024,), "fwd_bwd": (1024, 8192), **{c: (2048,) for c in _LOSS_CASES}},
+    ("cpu", False): {"fwd": (1024, 4096, 16384), "fwd_bwd": (1024, 4096, 8192, 16384),
+                     **{c: (2048, 8192) for c in _LOSS_CASES}},
     ("cuda", True): (4096, 16384),
-    ("cuda", False): (4096, 8192, 16384, 32768),
+    ("cuda", False): (1024, 4096, 16384, 65536),
 }
 
 _DEFAULT_SHAPES = {

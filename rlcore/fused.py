@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from . import chunked, cpp
+from . import chunked, cpp, distributed
 from .logprobs import _check_inputs, _check_target_range, linear_logprobs
 from .losses import _PRESETS, PolicyLossOutput, _Layout, _Norms, policy_loss, vstar
 
@@ -63,6 +63,7 @@ def fused_policy_loss(
     compute_entropy: bool = False,
     strategy: str = "auto",
     chunk_budget: Optional[int] = None,
+    process_group=None,
     **loss_kwargs,
 ) -> PolicyLossOutput:
     """``policy_loss`` on the log-probs of ``targets`` under the head ``weight`` applied to ``hidden``, fused.
@@ -81,6 +82,10 @@ def fused_policy_loss(
     the logits elements of a single-pass slice (default ``CHUNK_BUDGET``). Values and gradients are the same either
     way, up to FP32 summation order.
 
+    ``process_group``: the vocabulary is sharded over this ``torch.distributed`` group (see
+    :func:`rlcore.linear_logprobs`); the loss inputs are the same on every rank, and so is the loss. Runs the
+    two-pass strategy (the single pass would need the whole vocabulary's logits of a slice on one rank).
+
     Returns ``PolicyLossOutput(loss, metrics)``; gradients reach ``hidden``, ``weight`` and ``bias``.
 
     Example::
@@ -94,7 +99,10 @@ def fused_policy_loss(
             raise TypeError(f"fused_policy_loss computes {key} itself; do not pass {key}=")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(map(repr, STRATEGIES))}")
-    resolved_backend = _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
+    if process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias):
+        weight, bias = distributed.local_head(weight, bias, process_group)
+    resolved_backend = distributed.agreed(process_group, _check_inputs, hidden, weight, targets, bias, temperature,
+                                          ignore_index, precision, backend)
     if backend == "auto" and resolved_backend == "cpp" and (strategy == "single_pass" or not cpp.available()):
         resolved_backend = "torch"   # the single pass is chunked PyTorch, which "auto" keeps without the extension
     packed = cu_seqlens is not None
@@ -111,8 +119,13 @@ def fused_policy_loss(
     if mask is not None:
         loss_mask = loss_mask & (mask if mask.dtype == torch.bool else mask != 0)
     head = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, precision=precision,
-                backend=resolved_backend, check_targets=check_targets)
+                backend=resolved_backend, check_targets=check_targets, process_group=process_group)
 
+    if process_group is not None:
+        if strategy == "single_pass":
+            raise ValueError("strategy='single_pass' does not take a process_group (a slice would need the whole "
+                             "vocabulary's logits on one rank); use strategy='two_pass' or 'auto'")
+        strategy = "two_pass"
     if strategy == "auto":
         strategy = "two_pass"
         if resolved_backend == "torch" and _single_pass_supported(loss_kwargs):

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import chunked, cpp
+from . import chunked, cpp, distributed
 
 __all__ = ["linear_logprobs", "PRECISIONS", "BACKENDS"]
 
@@ -347,6 +347,7 @@ def linear_logprobs(
     precision: str = "default",
     backend: str = "auto",
     check_targets: bool = True,
+    process_group=None,
 ):
     """Log-probability of each target token, and optionally the entropy, without materialising the logits.
 
@@ -377,6 +378,11 @@ def linear_logprobs(
         check_targets: raise ``ValueError`` on an id outside ``[0, V)`` that is not ``ignore_index``. This is the
             op's one host sync; ``False`` skips it (e.g. under CUDA graphs). Unchecked bad ids never read out of
             bounds (the kernels compare ids, they do not index with them) but give meaningless log-probs.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor parallelism):
+            ``weight`` and ``bias`` are this rank's contiguous rows, in group-rank order, of any size; ``hidden`` and
+            ``targets`` (global ids) are the same on every rank. The result is the whole vocabulary's, on every rank;
+            the backward gives each rank its shard's gradient and the full ``dh``. A DTensor ``weight``/``bias`` is
+            accepted with or without a group. See ``rlcore.distributed``.
 
     Returns:
         ``logp [...]`` float32 (float64 for float64 inputs), or ``(logp, entropy)`` with ``return_entropy=True``.
@@ -389,11 +395,21 @@ def linear_logprobs(
         >>> logp.shape, ent.shape
         (torch.Size([4, 7]), torch.Size([4, 7]))
     """
-    backend = _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
+    if process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias):
+        weight, bias = distributed.local_head(weight, bias, process_group)
+    check = (hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
+    if process_group is None:
+        backend = _check_inputs(*check)
+    else:   # checked on every rank, raising on every rank
+        backend, layout = distributed.shard_layout(process_group, _check_inputs, *check)
     h2 = hidden.reshape(targets.numel(), hidden.shape[-1])   # [N, H]
     t1 = targets.reshape(-1)                                 # [N]
-    logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, float(temperature), int(ignore_index), precision, backend,
-                                       bool(check_targets))
+    if process_group is None:
+        logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, float(temperature), int(ignore_index), precision,
+                                           backend, bool(check_targets))
+    else:
+        logp, ent = distributed.vocab_parallel_logprobs(h2, weight, bias, t1, layout, float(temperature),
+                                                        int(ignore_index), precision, backend, bool(check_targets))
     logp = logp.view(targets.shape)
     if return_entropy:
         return logp, ent.view(targets.shape)

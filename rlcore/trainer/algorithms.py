@@ -1,0 +1,189 @@
+"""The algorithms as data: which rlcore loss, how advantages are formed, what anchors the log-ratio.
+
+The trainer only orchestrates; this module turns rewards and log-probs into ``rlcore.fused_policy_loss`` keywords,
+and holds the algorithm-specific state: A*PO's offline V* (cached to disk) and OAPL's buffer of the lagged
+sampler's rollouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import rlcore
+
+__all__ = ["AlgoSpec", "ALGORITHMS", "group_advantages", "loss_kwargs", "offline_vstar", "SamplerBuffer"]
+
+
+@dataclass(frozen=True)
+class AlgoSpec:
+    """One algorithm. ``advantage``: ``"normalized"`` ``(r - mean_g) / (std_g + 1e-6)``, ``"centered"``
+    ``r - mean_g`` (Dr. GRPO: no std division) or ``None`` (the regression family takes rewards, not advantages).
+    ``anchor``: for the regression family, which log-probs ``Lam_i`` is measured against."""
+
+    loss_type: str
+    family: str                       # "clip" or "regression"
+    group_size: int                   # default samples per prompt
+    prompts: int                      # default prompts per step
+    lr: float                         # default learning rate (tuned on the demo's tiny model)
+    advantage: Optional[str] = None
+    agg: Optional[str] = None         # None: the loss type's preset
+    anchor: Optional[str] = None      # "ref" (apo), "sampler" (oapl), "old" (kimi, rebel)
+    drop_flat_groups: bool = False    # DAPO's dynamic sampling: a group whose rewards are all equal teaches nothing
+    beta2: Optional[float] = None     # None: the loss type's preset
+
+    @property
+    def grouped(self) -> bool:
+        """Does the algorithm compare samples of the same prompt (so needs ``group_size >= 2``)?"""
+        return self.advantage is not None or self.anchor in ("sampler", "old")
+
+
+ALGORITHMS: Dict[str, AlgoSpec] = {
+    # the clipped family, group advantages
+    "grpo": AlgoSpec("ppo", "clip", 8, 32, 3e-4, "normalized", agg="seq-mean-token-mean"),
+    "dapo": AlgoSpec("dapo", "clip", 8, 32, 3e-4, "normalized", drop_flat_groups=True),
+    "dr_grpo": AlgoSpec("dr_grpo", "clip", 8, 32, 3e-4, "centered"),
+    "gspo": AlgoSpec("gspo", "clip", 8, 32, 3e-4, "normalized"),
+    "cispo": AlgoSpec("cispo", "clip", 8, 32, 3e-4, "normalized"),
+    # the squared-regression family
+    "apo": AlgoSpec("apo", "regression", 1, 64, 5e-4, anchor="ref"),
+    "oapl": AlgoSpec("oapl", "regression", 8, 32, 3e-4, anchor="sampler"),
+    "kimi": AlgoSpec("kimi", "regression", 8, 32, 3e-4, anchor="old"),
+    "rebel": AlgoSpec("rebel", "regression", 2, 64, 3e-4, anchor="old"),
+}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
+    """``rewards [B]`` (groups of ``group_size`` contiguous samples) -> advantages ``[B]``."""
+    r = rewards.view(-1, group_size)                                   # [P, G]
+    centered = r - r.mean(dim=1, keepdim=True)                         # [P, G]
+    if kind == "centered":
+        return centered.reshape(-1)
+    if kind == "normalized":
+        return (centered / (r.std(dim=1, keepdim=True, unbiased=False) + 1e-6)).reshape(-1)
+    raise ValueError(f"unknown advantage kind {kind!r}; expected 'normalized' or 'centered'")
+
+
+def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[B]`` bool: the samples of groups whose rewards are all equal (zero advantage, nothing to learn)."""
+    r = rewards.view(-1, group_size)                                   # [P, G]
+    flat = (r == r[:, :1]).all(dim=1)                                  # [P]
+    return flat.repeat_interleave(group_size)                          # [B]
+
+
+def loss_kwargs(cfg, rewards: torch.Tensor, old_logp: torch.Tensor, sampler_logp: torch.Tensor,
+                ref_logp: Optional[torch.Tensor] = None, baseline: Optional[torch.Tensor] = None,
+                max_completion: int = 1) -> Dict:
+    """The ``rlcore.fused_policy_loss`` keywords of ``cfg.algo`` for one rollout batch (everything but the head).
+
+    ``rewards``/``baseline`` are ``[B]``; the log-probs ``[B, T]`` (token-aligned with the loss targets).
+    ``max_completion``: the most tokens a completion can have (Dr. GRPO's constant denominator).
+    """
+    spec = cfg.spec
+    kw: Dict = dict(loss_type=spec.loss_type, entropy_coef=cfg.entropy_coef)
+    if spec.agg is not None:
+        kw["agg"] = spec.agg
+    if spec.loss_type == "dr_grpo":
+        kw["agg_constant"] = float(max_completion)
+    if spec.family == "clip":
+        kw["advantages"] = group_advantages(rewards, cfg.group, spec.advantage)
+        kw["old_logp"] = old_logp
+        for name in ("eps_low", "eps_high"):
+            if getattr(cfg, name) is not None:
+                kw[name] = getattr(cfg, name)
+        if cfg.beta:
+            kw.update(beta=cfg.beta, ref_logp=ref_logp)
+        if cfg.is_mode is not None:
+            kw.update(sampler_logp=sampler_logp, is_mode=cfg.is_mode, is_cap=cfg.is_cap)
+        return kw
+    kw["advantages"] = None
+    kw["rewards"] = rewards
+    beta2 = cfg.beta2 if cfg.beta2 is not None else spec.beta2
+    if beta2 is not None:
+        kw["beta2"] = beta2
+    if spec.anchor == "ref":
+        kw.update(ref_logp=ref_logp, baseline=baseline)
+    elif spec.anchor == "sampler":
+        kw.update(sampler_logp=sampler_logp, group_size=cfg.group, beta1=cfg.beta1)
+    elif spec.loss_type == "kimi":
+        kw.update(old_logp=old_logp, group_size=cfg.group)
+    else:                                                              # rebel
+        kw.update(old_logp=old_logp, eta=cfg.eta)
+    return kw
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A*PO, stage 1: V* per prompt from pi_ref, offline
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def offline_vstar(prompts: Sequence[str], sample_rewards: Callable[[List[str], int], torch.Tensor], *,
+                  samples: int, beta1: float, cache: Optional[Path], key: Dict, chunk: int = 64):
+    """A*PO's offline stage: ``samples`` completions per prompt from pi_ref, ``V*(x) = rlcore.vstar(r, beta1)``.
+
+    ``sample_rewards(prompts, n) -> [len(prompts), n]`` draws the rewards. Prompts that pi_ref never solves (pass
+    rate 0, so ``V* = 0`` carries no signal) are dropped. The result is cached at ``cache`` under ``key`` (the
+    reference weights' hash and the settings), so a resumed or repeated run skips the sampling.
+
+    Returns ``(kept_prompts, vstar {prompt: float}, stats)``.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=False)
+        if saved.get("digest") == digest:
+            return saved["prompts"], saved["vstar"], saved["stats"]
+    rewards = torch.cat([sample_rewards(list(prompts[i:i + chunk]), samples)
+                         for i in range(0, len(prompts), chunk)])                      # [P, N]
+    v = rlcore.vstar(rewards.double(), beta1)                                          # [P]
+    solved = (rewards > 0).any(dim=1)                                                  # [P]
+    kept = [p for p, ok in zip(prompts, solved.tolist()) if ok]
+    vstar = {p: float(x) for p, x, ok in zip(prompts, v.tolist(), solved.tolist()) if ok}
+    stats = dict(apo_prompts=len(prompts), apo_kept=len(kept), apo_ref_pass_rate=float(rewards.mean()))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(digest=digest, prompts=kept, vstar=vstar, stats=stats), cache)
+    return kept, vstar, stats
+
+
+def state_digest(state_dict: Dict[str, torch.Tensor]) -> str:
+    """A hash of a model's weights (which pi_ref the cached V* belongs to)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# OAPL: the lagged sampler's rollouts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SamplerBuffer:
+    """The last ``capacity`` rollout batches of OAPL's lagged sampler. Each training step draws one at random, so
+    the policy trains on data a few versions old, anchored at the sampler's own log-probs (not the policy's)."""
+
+    def __init__(self, capacity: int):
+        self.items: deque = deque(maxlen=capacity)
+
+    def add(self, batch) -> None:
+        self.items.append(batch)
+
+    def draw(self, rng: random.Random):
+        return self.items[rng.randrange(len(self.items))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def state_dict(self) -> Dict:
+        return dict(capacity=self.items.maxlen, items=list(self.items))
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.items = deque(state["items"], maxlen=state["capacity"])
