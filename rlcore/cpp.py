@@ -4,7 +4,7 @@ first use.
 Why compile on first use (``torch.utils.cpp_extension.load``) rather than in ``setup.py``: a build-time extension
 needs torch importable while pip builds the package, which either forces ``--no-build-isolation`` or makes pip fetch
 a second torch (often the CUDA one) into the isolated build environment. Building on the user's machine also lets
-the compiler target that machine's vector ISA (``-march=native``). The cost is one compile (~1 minute on 2 cores)
+the compiler target that machine's vector ISA (``-march=native``). The cost is one compile (30-60 s on 2 cores)
 the first time a process uses the backend; the result is cached on disk and reused by every later process.
 
 - Sources: ``rlcore/csrc`` (the symlink ``rlcore/csrc -> ../csrc``, shipped in the wheel as package data), copied

@@ -164,6 +164,7 @@ def test_auto_runs_the_compiled_kernels_on_cpu_and_chunked_for_float64(cpp_built
 def test_compiled_graph_holds_the_one_op(cpp_built):
     """torch.compile(fullgraph=True) on CPU: the forward graph is one rlcore::linear_logprobs call, with the compiled
     backend chosen at trace time, and its backward the one rlcore::linear_logprobs_backward call."""
+    from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
 
     graphs = []
@@ -171,7 +172,7 @@ def test_compiled_graph_holds_the_one_op(cpp_built):
     def record(gm, example_inputs):
         def compiler(g, _inputs):
             graphs.append(g)
-            return g.forward
+            return make_boxed_func(g.forward)
         return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, bw_compiler=compiler)
 
     def loss(h, w, t):
