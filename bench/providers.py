@@ -190,14 +190,22 @@ class Compiled(LogprobsProvider):
         return torch.compile(_compose(_eager_reference), dynamic=False)    # the whole composition, loss included
 
 
-class RlcoreTorch(LogprobsProvider):
-    name = "rlcore-torch"
+class _Rlcore(LogprobsProvider):
+    """``rlcore.linear_logprobs`` on one backend (and head precision); in the loss cases, the two-pass
+    ``rlcore.fused_policy_loss`` on the same."""
+
+    options: dict = {}       # backend=..., precision=...
 
     def logprobs_fn(self):
-        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="torch")
+        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, **self.options)
 
     def loss_fn(self, case, inp):
-        return _fused(strategy="two_pass", backend="torch")
+        return _fused(strategy="two_pass", **self.options)
+
+
+class RlcoreTorch(_Rlcore):
+    name = "rlcore-torch"
+    options = {"backend": "torch"}
 
 
 class Rlcore1Pass(Provider):
@@ -227,8 +235,9 @@ class Rlcore1Pass(Provider):
         return case.call(_fused(strategy="single_pass", backend="torch", chunk_budget=self.chunk_budget(V, N)), inp)
 
 
-class RlcoreCpp(LogprobsProvider):
+class RlcoreCpp(_Rlcore):
     name = "rlcore-cpp"
+    options = {"backend": "cpp"}
 
     def unavailable(self, ctx):
         if ctx.device.type != "cpu":
@@ -239,15 +248,10 @@ class RlcoreCpp(LogprobsProvider):
             return f"the compiled CPU backend is unavailable: {rlcore.cpp.unavailable_reason()}"
         return None
 
-    def logprobs_fn(self):
-        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="cpp")
 
-    def loss_fn(self, case, inp):
-        return _fused(strategy="two_pass", backend="cpp")
-
-
-class RlcoreTriton(LogprobsProvider):
+class RlcoreTriton(_Rlcore):
     name = "rlcore-triton"
+    options = {"backend": "triton"}
 
     def unavailable(self, ctx):
         if ctx.device.type != "cuda":
@@ -258,22 +262,10 @@ class RlcoreTriton(LogprobsProvider):
             return f"triton not importable: {e}"
         return None
 
-    def logprobs_fn(self):
-        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="triton")
-
-    def loss_fn(self, case, inp):
-        return _fused(strategy="two_pass", backend="triton")
-
 
 class RlcoreTritonFP32(RlcoreTriton):
     name = "rlcore-triton-fp32"
-
-    def logprobs_fn(self):
-        return lambda h, w, t, ent: rlcore.linear_logprobs(h, w, t, return_entropy=ent, backend="triton",
-                                                           precision="fp32")
-
-    def loss_fn(self, case, inp):
-        return _fused(strategy="two_pass", backend="triton", precision="fp32")
+    options = {"backend": "triton", "precision": "fp32"}
 
 
 def _missing(module: str, package: str) -> Optional[str]:
