@@ -202,6 +202,15 @@ def _choice(name: str, x, options) -> str:
     return x
 
 
+def _on_logp_device_float(name, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, after checking it is on ``logp``'s device and floating point."""
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but logp is on {ref.device}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    return x
+
+
 def _token_tensor(name, x, ref: torch.Tensor, *, required: bool = False, why: str = ""):
     """A per-token input: the same shape and device as ``logp``, floating point."""
     if x is None:
@@ -212,11 +221,7 @@ def _token_tensor(name, x, ref: torch.Tensor, *, required: bool = False, why: st
         raise TypeError(f"{name} must be a tensor shaped like logp {tuple(ref.shape)}, got {_describe(x)}")
     if tuple(x.shape) != tuple(ref.shape):
         raise ValueError(f"{name} must have logp's shape {tuple(ref.shape)}, got {tuple(x.shape)}")
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but logp is on {ref.device}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    return x
+    return _on_logp_device_float(name, x, ref)
 
 
 def _seq_tensor(name, x, layout: _Layout, ref: torch.Tensor):
@@ -225,11 +230,7 @@ def _seq_tensor(name, x, layout: _Layout, ref: torch.Tensor):
         raise TypeError(f"{name} must be a tensor [B] = [{layout.B}], got {_describe(x)}")
     if tuple(x.shape) != (layout.B,):
         raise ValueError(f"{name} must be [B] = [{layout.B}] (one value per sequence), got shape {tuple(x.shape)}")
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but logp is on {ref.device}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    return x
+    return _on_logp_device_float(name, x, ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
