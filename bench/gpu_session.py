@@ -51,7 +51,9 @@ TARGETS = [
 ]
 
 # Budgets in seconds per step (GPU, dry run): the session's deadline caps each one at what is left.
-_BUDGETS = {"env": (20, 20), "accuracy": (70, 90), "tests": (130, 90), "bench": (190, 120), "sweep": (60, 60),
+# The order puts the bench before the tests: if Triton's first compiles (an empty cache on a fresh machine) eat into
+# the time, the ratios are what a short loan must not lose.
+_BUDGETS = {"env": (15, 20), "accuracy": (75, 60), "bench": (170, 90), "sweep": (60, 40), "tests": (110, 40),
             "summary": (10, 10)}
 
 
@@ -190,9 +192,10 @@ def step_accuracy(s: Session, until: float) -> dict:
 
     device = _device()
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    modes = MODES if not s.dry else [m for m in MODES if m[0] != "fp16"][:5] + [MODES[-1]]
     results, failures = [], 0
-    for shape in _accuracy_shapes(s.dry):
+    for i, shape in enumerate(_accuracy_shapes(s.dry)):
+        # the dry run: a few modes (the interpreter takes seconds per case), the NaN padding on the first shape only
+        modes = MODES if not s.dry else [MODES[0], MODES[3], MODES[-1]][: 3 - 2 * i]
         for h_dt, w_dt, precision in modes:
             if time.monotonic() > until:
                 results.append(dict(shape=shape["name"], status="skipped (deadline)"))
@@ -205,7 +208,7 @@ def step_accuracy(s: Session, until: float) -> dict:
                                 weight=w_dt, precision=precision, passed=report.passed, failures=report.failures,
                                 rel=report.rel, norm=report.norm, bars=report.bars, worst=report.worst))
             _write_json(s.out / "accuracy.json", results)
-        if time.monotonic() < until:
+        if time.monotonic() < until and not (s.dry and i > 0):
             case = make_case(shape["N"], shape["H"], shape["V"], torch.bfloat16, bias=True, ignore_frac=0.3,
                              temperature=0.7, logit_scale=3.0, seed=2, device=device)
             for gemm in ("triton", "torch"):
@@ -217,7 +220,7 @@ def step_accuracy(s: Session, until: float) -> dict:
 
 def step_tests(s: Session, until: float) -> dict:
     files = ["tests/test_nan_padding.py"]
-    extra = ["-k", "every_row_ignored or gemm_choices"] if s.dry else []
+    extra = ["-k", "every_row_ignored"] if s.dry else []
     if not s.dry:
         files = ["tests/test_linear_logprobs.py", "tests/test_nan_padding.py", "tests/test_edge_cases.py",
                  "tests/test_fused_loss.py", "tests/test_segments.py"]
@@ -234,6 +237,8 @@ def step_tests(s: Session, until: float) -> dict:
     if not (s.out / "tests.xml").exists():
         (s.out / "tests.xml").write_text(f'<testsuites><testsuite name="none" tests="0" errors="1">'
                                          f'<error message="pytest {rc}"/></testsuite></testsuites>\n')
+    if rc != 0:
+        raise RuntimeError(f"pytest returned {rc}: {_junit_counts(s.out / 'tests.xml')}")
     return {"returncode": rc}
 
 
@@ -314,6 +319,8 @@ def step_sweep(s: Session, until: float) -> dict:
     n_cfg = max(len(lst) for table in K.CONFIGS.values() for lst in table["sm90"].values())
     settings = [dict(RLCORE_CONFIG_INDEX=str(i)) for i in range(n_cfg)]
     settings += [dict(RLCORE_BWD_GEMM="triton"), dict(RLCORE_BWD_GEMM="torch"), dict(RLCORE_AUTOTUNE="1")]
+    if s.dry:   # the interpreter ignores configs: one of each kind of setting
+        settings = [settings[0], settings[-2]]
 
     def timed(fn, reps):
         if device.type == "cuda":
@@ -387,6 +394,11 @@ def _num(x):
         return None
 
 
+def _fmt(x) -> str:
+    value = _num(x)
+    return "" if value is None else f"{value:.4g}"
+
+
 def summarize(out: Path) -> str:
     """``summary.md`` from the files in ``out``: every target with its measured ratio (met or not), every bench
     ratio, the accuracy verdicts, the test counts and the sweep."""
@@ -413,8 +425,9 @@ def summarize(out: Path) -> str:
     lines += ["", "## Every bench row", "", "| case | N | provider | time ms | TFLOP/s | vs floor | vs reference | "
               "mem vs reference |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['N']} | {r['provider']} | {r.get('time_ms')} | {r.get('tflops')} | "
-                     f"{r.get('time_vs_floor')} | {r.get('time_vs_reference')} | {r.get('mem_vs_reference')} |")
+        cells = [_fmt(r.get(k)) for k in ("time_ms", "tflops", "time_vs_floor", "time_vs_reference",
+                                           "mem_vs_reference")]
+        lines.append(f"| {r['case']} | {r['N']} | {r['provider']} | " + " | ".join(cells) + " |")
     skipped = [r for r in _read_csv(out / "bench.csv") if r.get("status") != "ok"]
     if skipped:
         lines += ["", "Not measured: " + "; ".join(f"{r['provider']} ({r['case']}, N={r['N']}): {r.get('status')} "
@@ -484,8 +497,8 @@ def check(out: Path) -> list[str]:
     return problems
 
 
-STEPS = [("env", step_env), ("accuracy", step_accuracy), ("tests", step_tests), ("bench", step_bench),
-         ("sweep", step_sweep), ("summary", step_summary)]
+STEPS = [("env", step_env), ("accuracy", step_accuracy), ("bench", step_bench), ("sweep", step_sweep),
+         ("tests", step_tests), ("summary", step_summary)]
 
 
 def main(argv=None) -> int:

@@ -232,7 +232,8 @@ def _fwd_kernel(
     n_it = tl.cdiv(v_end - v_start, BLOCK_V) * n_h
     # A block whose targets are all ignored (prompt tokens, padding) has outputs 0: skip its GEMMs (a zero trip count,
     # so the loop stays a plain pipelinable scf.for). Its partials stay (-inf, 0, 0, 0); the host masks those rows.
-    n_it = tl.where(tl.max((m_n & (b_t != ignore_index)).to(tl.int32), 0) > 0, n_it, 0)
+    if tl.max((m_n & (b_t != ignore_index)).to(tl.int32), 0) == 0:
+        n_it = 0
     o_h = tl.arange(0, BLOCK_H)
     b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for it in range(0, n_it):
@@ -346,8 +347,8 @@ def _matmul_kernel(
     n_k = tl.cdiv(K, BLOCK_K)
     if ROWS == 1:
         # a zero trip count rather than an `if` around the loop: the loop stays the pipeliner's plain scf.for
-        b_any = tl.max((tl.load(live_ptr + o_m, mask=m_m, other=0) != 0).to(tl.int32), 0)
-        n_k = tl.where(b_any > 0, n_k, 0)
+        if tl.max((tl.load(live_ptr + o_m, mask=m_m, other=0) != 0).to(tl.int32), 0) == 0:
+            n_k = 0
     if ROWS == 2:
         n_k = tl.load(kcount_ptr)
     for i_k in range(0, n_k):
