@@ -319,7 +319,9 @@ def policy_loss_reference(
                     ratio = s
                     c[j] = c_i
                 elif loss_type == "gspo_token":
-                    ratio = s.detach() * torch.exp(lp[j] - lp[j].detach())  # s_it
+                    # s_it; where the clamp binds on s_i, as GSPO's gradient is cut there, so is this one
+                    inside = log_ratio_clamp is None or abs(_val(Lam) / len(toks)) <= log_ratio_clamp
+                    ratio = s.detach() * (torch.exp(lp[j] - lp[j].detach()) if inside else 1.0)
                     c[j] = ppo_form(ratio, A)
                 else:                                                    # reinforce
                     ratio = None

@@ -591,7 +591,7 @@ FEATURES = {
     "ppo-mask-None": ("ppo", dict(mask=None)),
     "gspo-mask-None": ("gspo", dict(mask=None)),
     "kimi-mask-None": ("kimi", dict(mask=None, beta=0.1)),
-    "apo-beta2-0.01-beta1-ignored": ("apo", dict(beta2=0.01, beta1=7.0)),
+    "apo-beta2-0.01": ("apo", dict(beta2=0.01)),
     "oapl-beta2-0.1": ("oapl", dict(beta2=0.1)),
     "kimi-beta2-0.05": ("kimi", dict(beta2=0.05)),
     "oapl-group1": ("oapl", dict(group_size=1)),
@@ -941,7 +941,8 @@ BAD = {
                                             **({"advantages": _r2} if lt == "gspo" else {})), "old_logp")
        for lt in CLIPPED_WITH_OLD},
     **{f"{lt}-without-rewards": (_bad_args(loss_type=lt, advantages=None, ref_logp=_lp, sampler_logp=_lp,
-                                           baseline=_r2, group_size=2), "rewards")
+                                           baseline=_r2, **({"group_size": 2} if lt in ("oapl", "kimi") else {})),
+                                 "rewards")
        for lt in REGRESSION},
     "apo-without-baseline": (_bad_args(loss_type="apo", advantages=None, ref_logp=_lp, rewards=_r2), "baseline"),
     "apo-without-ref_logp": (_bad_args(loss_type="apo", advantages=None, rewards=_r2, baseline=_r2), "ref_logp"),
@@ -964,6 +965,9 @@ BAD = {
     "dr_grpo-without-agg_constant": (_bad_args(loss_type="dr_grpo"), "agg_constant"),
     "agg_constant-zero": (_bad_args(agg="constant", agg_constant=0.0), "agg_constant"),
     "beta-without-ref_logp": (_bad_args(beta=0.1), "ref_logp"),
+    # an option the loss does not take is an error, never silently ignored (apo's V* is computed offline)
+    "apo-does-not-take-beta1": (_bad_args(loss_type="apo", advantages=None, ref_logp=_lp, rewards=_r2, baseline=_r2,
+                                          beta1=7.0), "beta1"),
 }
 
 
