@@ -122,10 +122,15 @@ def _reinforce(b: Batch, o: Opts) -> Terms:
     return Terms(token=-b.A * b.l, ratio=ratio)
 
 
+def _pick(cond: torch.Tensor, yes: float, no: float, like: torch.Tensor) -> torch.Tensor:
+    """``yes`` where ``cond`` else ``no``, in ``like``'s dtype (a ``torch.where`` of two Python floats is FP32)."""
+    return torch.where(cond, torch.full_like(like, yes), torch.full_like(like, no))
+
+
 def _sapo(b: Batch, o: Opts) -> Terms:
     """``-(4 / tau) sigmoid(tau (r - 1)) A``, ``tau = sapo_tau_pos`` where ``A > 0`` else ``sapo_tau_neg``."""
     ratio = ratio_at(b, o, o.ratio_level)
-    tau = torch.where(b.A > 0, o.sapo_tau_pos, o.sapo_tau_neg)
+    tau = _pick(b.A > 0, o.sapo_tau_pos, o.sapo_tau_neg, b.A)
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     return Terms(token=-gate * b.A, ratio=ratio, metrics=_ratio_metrics(b, ratio))
 
@@ -139,12 +144,13 @@ def _vespo(b: Batch, o: Opts) -> Terms:
         log_w = log_w + (b.seq_mean(log_is) if o.is_mode.startswith("sequence") else b.seq_sum(log_is))
     log_w = b.bcast(log_w.clamp(_LOG_1E8, 20.0))                                    # token-shaped
     pos = b.A >= 0
-    k = torch.where(pos, o.vespo_k_pos, o.vespo_k_neg)
-    lam = torch.where(pos, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
+    k = _pick(pos, o.vespo_k_pos, o.vespo_k_neg, b.A)
+    lam = _pick(pos, o.vespo_lambda_pos, o.vespo_lambda_neg, b.A).clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    metrics = _ratio_metrics(b, torch.exp(log_w))
+    ratio = token_ratio(b, o)
+    metrics = _ratio_metrics(b, ratio)
     metrics["vespo_phi_mean"] = b.mmean(phi)
-    return Terms(token=-phi * b.A * b.l, ratio=token_ratio(b, o), weighted=True, metrics=metrics)
+    return Terms(token=-phi * b.A * b.l, ratio=ratio, weighted=True, metrics=metrics)
 
 
 def _gmpo(b: Batch, o: Opts) -> Terms:
@@ -165,7 +171,8 @@ def _gmpo(b: Batch, o: Opts) -> Terms:
 def _dro(b: Batch, o: Opts) -> Terms:
     """``-(A l - dro_beta / 2 (l - l_old)^2)``."""
     d = b.l - b.old
-    return Terms(token=-(b.A * b.l - 0.5 * o.dro_beta * d * d), ratio=token_ratio(b, o))
+    ratio = token_ratio(b, o)
+    return Terms(token=-(b.A * b.l - 0.5 * o.dro_beta * d * d), ratio=ratio, metrics=_ratio_metrics(b, ratio))
 
 
 def _dppo(kind: str):

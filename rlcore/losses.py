@@ -829,7 +829,7 @@ def _policy_masks(b: Batch, o: Opts, metrics: Dict[str, torch.Tensor]) -> Option
     keep = None
     if o.get("top_entropy_quantile") is not None:
         keep = top_quantile_mask(b.H.detach(), b.valid, o.top_entropy_quantile)
-        metrics["entropy_mask_frac"] = b.mmean(keep.to(b.cdt))
+        metrics["entropy_keep_frac"] = b.mmean(keep.to(b.cdt))
     if o.get("off_policy_mask") is not None:
         anchor = b.smp if b.smp is not None else (b.old if b.old is not None else b.l_sg)
         seq_kl = b.seq_mean(anchor - b.l_sg)                                      # [B]
@@ -851,7 +851,7 @@ def top_quantile_mask(x: torch.Tensor, valid: torch.Tensor, q: float) -> torch.T
     lo = pos.floor().long()
     hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
     frac = pos - lo.to(x.dtype)
-    v_lo, v_hi = srt[lo], srt[hi]
+    v_lo, v_hi = srt.gather(0, lo.view(1)).squeeze(0), srt.gather(0, hi.view(1)).squeeze(0)
     threshold = v_lo + (v_hi - v_lo) * frac
     threshold = torch.where(frac == 0, v_lo, threshold)                             # no inf - inf at the top
     return valid & (x >= threshold)
