@@ -204,11 +204,11 @@ def _online_lse_update(b_m, b_s, b_a, b_z):
 
 @triton.jit
 def _fwd_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
+    h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, z_ptr,
     N, V, H, SPAN, SPLITS,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, Z_OUT: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -228,7 +228,7 @@ def _fwd_kernel(
     # pipeliner (num_stages) then prefetches the next tile's first slices of h and W while the current tile's
     # online-softmax update runs, instead of draining at every tile boundary (a 128-wide tile at H = 4096 is 64 slices,
     # so a drained pipeline idles the tensor cores ~num_stages / 64 of the time, plus the whole softmax update).
-    n_h = tl.cdiv(H, BLOCK_H)
+    n_h = tl.maximum(tl.cdiv(H, BLOCK_H), 1)   # H = 0: one all-masked slice, so each tile still gets its epilogue
     n_it = tl.cdiv(v_end - v_start, BLOCK_V) * n_h
     # A block whose targets are all ignored (prompt tokens, padding) has outputs 0: skip its GEMMs (a zero trip count,
     # so the loop stays a plain pipelinable scf.for). Its partials stay (-inf, 0, 0, 0); the host masks those rows.
@@ -258,6 +258,9 @@ def _fwd_kernel(
             b_zt += tl.sum(tl.where(o_v[None, :].to(tl.int64) == b_t[:, None], b_z, 0.0), 1)
             # The entropy numerator costs one FMA per logit next to an H-long dot product: always kept.
             b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
+            if Z_OUT:  # the single pass of the fused loss keeps the FP32 logits [N, V] of its slice for dz
+                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]
+                tl.store(p_z, b_z, mask=m_n[:, None] & m_v[None, :])
             b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
     # part: [4, SPLITS, N] fp32, contiguous
@@ -633,10 +636,12 @@ def merge_partials(part: torch.Tensor):
     return ref + log_s, log_s - big_a / big_s, zt.sum(0)
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_index: int, mode: KernelMode):
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_index: int, mode: KernelMode,
+                        z_out=None):
     """Launch the forward. ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated).
 
-    Returns ``(lse, ent, z_target)`` as float32 ``[N]`` tensors.
+    Returns ``(lse, ent, z_target)`` as float32 ``[N]`` tensors. ``z_out``: an FP32 ``[N, V]`` contiguous tensor that
+    receives the logits (after bias and temperature) as they are formed (the fused loss's single pass).
     """
     targets = targets.contiguous()                      # the kernels index targets and bias with unit stride
     bias = bias.contiguous() if bias is not None else None
@@ -649,11 +654,11 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_i
         splits = triton.cdiv(V, span)
         part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
         _fwd_kernel[(n_blocks * splits,)](
-            hidden, weight, bias if bias is not None else hidden, targets, part,
+            hidden, weight, bias if bias is not None else hidden, targets, part, z_out if z_out is not None else part,
             N, V, H, span, splits,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             inv_temp, ignore_index,
-            HAS_BIAS=bias is not None,
+            HAS_BIAS=bias is not None, Z_OUT=z_out is not None,
             CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
         )
