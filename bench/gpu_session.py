@@ -53,7 +53,7 @@ TARGETS = [
 # Budgets in seconds per step (GPU, dry run): the session's deadline caps each one at what is left.
 # The order puts the bench before the tests: if Triton's first compiles (an empty cache on a fresh machine) eat into
 # the time, the ratios are what a short loan must not lose.
-_BUDGETS = {"env": (15, 20), "accuracy": (75, 60), "bench": (170, 90), "sweep": (60, 40), "tests": (110, 40),
+_BUDGETS = {"env": (15, 20), "accuracy": (75, 60), "bench": (170, 90), "sweep": (60, 40), "tests": (110, 90),
             "summary": (10, 10)}
 
 
@@ -185,6 +185,44 @@ def _nan_padding(case, shape, gemm: str) -> dict:
         os.environ.pop("RLCORE_BWD_GEMM", None)
 
 
+def _fused_accuracy(shape, dry: bool) -> list[dict]:
+    """``fused_policy_loss`` (GSPO, bf16 inputs, a quarter of each sequence prompt) on the Triton backend, single
+    and two passes, against the float64 composition: relative error of the loss, normwise errors of dh and dW."""
+    import torch
+
+    import rlcore
+    from rlcore.reference import linear_logprobs_reference
+    from rlcore.validate import norm_err
+
+    device = _device()
+    B, T = (3, 8) if dry else (2, 512)
+    H, V = shape["H"], shape["V"]
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, T, H, generator=g).to(device)
+    w = (torch.randn(V, H, generator=g) * (3.0 / H ** 0.5)).to(device)
+    t = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    mask[:, : T // 4] = False
+    adv = torch.randn(B, generator=g).to(device)
+    h16, w16 = h.to(torch.bfloat16), w.to(torch.bfloat16)
+    with torch.no_grad():
+        old = linear_logprobs_reference(h16.double(), w16.double(), t) + 0.1 * torch.randn(B, T, generator=g).to(device)
+    kw = dict(old_logp=old, loss_type="gspo", temperature=0.7)
+    h64, w64 = h16.double().requires_grad_(), w16.double().requires_grad_()
+    lp = linear_logprobs_reference(h64, w64, t, temperature=0.7)
+    truth = rlcore.policy_loss(lp, adv.double(), mask, old_logp=old, loss_type="gspo").loss
+    truth.backward()
+    out = []
+    for strategy in ("single_pass", "two_pass"):
+        hb, wb = h16.clone().requires_grad_(), w16.clone().requires_grad_()
+        loss = rlcore.fused_policy_loss(hb, wb, t, adv, mask, backend="triton", strategy=strategy, **kw).loss
+        loss.backward()
+        out.append(dict(shape=shape["name"], case="fused_gspo", strategy=strategy, B=B, T=T,
+                        loss_rel=abs(loss.item() - truth.item()) / max(abs(truth.item()), 1e-30),
+                        norm_err={"dh": norm_err(hb.grad, h64.grad), "dW": norm_err(wb.grad, w64.grad)}))
+    return out
+
+
 def step_accuracy(s: Session, until: float) -> dict:
     import torch
 
@@ -214,6 +252,8 @@ def step_accuracy(s: Session, until: float) -> dict:
             for gemm in ("triton", "torch"):
                 results.append(dict(shape=shape["name"], case="nan_padding", **_nan_padding(case, shape, gemm)))
                 _write_json(s.out / "accuracy.json", results)
+            results += _fused_accuracy(shape, s.dry)
+            _write_json(s.out / "accuracy.json", results)
     _write_json(s.out / "accuracy.json", results)
     return {"cases": len(results), "failed": failures}
 
@@ -439,6 +479,9 @@ def summarize(out: Path) -> str:
     for a in judged:
         if not a["passed"]:
             lines.append(f"- FAILED {a['shape']} {a['hidden']}/{a['weight']} {a['precision']}: {a['failures']}")
+    for a in (a for a in acc if a.get("case") == "fused_gspo"):
+        lines.append(f"- fused GSPO loss, {a['shape']}, {a['strategy']}: loss rel error {a['loss_rel']:.2e}, "
+                     f"dh {a['norm_err']['dh']:.2e}, dW {a['norm_err']['dW']:.2e} (normwise, vs float64)")
     for a in (a for a in acc if a.get("case") == "nan_padding"):
         ok = all(a["finite"].values()) and a["dead_dh_zero"]
         lines.append(f"- NaN padding, {a['shape']}, backward GEMMs {a['gemm']}: {'ok' if ok else 'BROKEN'} "

@@ -12,18 +12,19 @@ DRY=()
 if [ "${1:-}" = "--dry-run" ]; then DRY=(--dry-run); shift; fi
 OUT="${1:?usage: bash bench/gpu_session.sh [--dry-run] OUT_DIR}"
 mkdir -p "$OUT"
+PY="$(command -v python || command -v python3)"
 if [ ${#DRY[@]} -gt 0 ]; then
   export TRITON_INTERPRET=1 RLCORE_CPP="${RLCORE_CPP:-0}"
   DEADLINE="${RLCORE_SESSION_DEADLINE:-420}"
 else
   DEADLINE="${RLCORE_SESSION_DEADLINE:-450}"
   if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
-timeout --kill-after=10 "$((DEADLINE + 30))" python -m bench.gpu_session "${DRY[@]}" --deadline "$DEADLINE" "$OUT"
+timeout --kill-after=10 "$((DEADLINE + 30))" "$PY" -m bench.gpu_session "${DRY[@]}" --deadline "$DEADLINE" "$OUT"
 rc=$?
-python -m bench.gpu_session --check "$OUT" || rc=1
+"$PY" -m bench.gpu_session --check "$OUT" || rc=1
 exit $rc

@@ -92,7 +92,7 @@ def kernel_launches(kind: str, h: str, w: str, cast_fp32: bool) -> list[tuple]:
 # float32; the bias has the weight's dtype. Arguments absent here are constexprs.
 _ARG_TYPES = {
     "fwd": {
-        "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32",
+        "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32", "z_ptr": "*fp32",
         "N": "i32", "V": "i32", "H": "i32", "SPAN": "i32", "SPLITS": "i32",
         "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32", "inv_temp": "fp32",
         "ignore_index": "i32",
@@ -156,9 +156,42 @@ _INT64_CHECKS.update({
 _KERNEL_FN.update(segment_sum="_segment_sum_kernel", segment_broadcast="_segment_broadcast_kernel")
 
 
+# --- the fused loss's single pass (rlcore.kernels.slice_head): dz from the stored FP32 logits, no dot ----------------
+_ARG_TYPES["dz_from_logits"] = {
+    "z_ptr": "*fp32", "t_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
+    "gent_ptr": "*fp32", "dz_ptr": "*dz", "C": "i32", "V": "i32", "inv_temp": "fp32",
+}
+_INT64_CHECKS["dz_from_logits"] = {"z": ("z_ptr", "V"), "dz": ("dz_ptr", "V")}
+_KERNEL_FN["dz_from_logits"] = "_dz_from_logits_kernel"
+
+
+def _slice_head_jobs(archs) -> list[dict]:
+    """The elementwise dz kernel of the single pass: dz in bf16, fp16 or FP32, with and without the entropy term."""
+    module = _kernels_module("dz_from_logits")
+    jobs = []
+    for dz in ("bf16", "fp16", "fp32"):
+        for grad_ent in (False, True):
+            for arch in archs:
+                job = dict(
+                    kernel="dz_from_logits", role="dz_from_logits", table="default", index=0,
+                    config=dict(BLOCK_N=module._DZ_BLOCK_N, BLOCK_V=module._DZ_BLOCK_V, num_warps=module._DZ_WARPS,
+                                num_stages=1),
+                    inputs=(dz, "fp32"), dtypes={"dz": dz}, constexprs={"HAS_GRAD_ENT": grad_ent},
+                    unit_strides=[], mode=None, arch=arch,
+                    ints=dict(C=3500, V=151936),
+                )
+                job["id"] = job_id(job) + ("-ent" if grad_ent else "")
+                jobs.append(job)
+    return jobs
+
+
 def _kernels_module(kernel: str = "fwd"):
-    """The module defining ``kernel``: ``rlcore.kernels.segments`` for the segment reductions, else
-    ``rlcore.kernels.linear_logprobs``."""
+    """The module defining ``kernel``: ``rlcore.kernels.segments`` for the segment reductions,
+    ``rlcore.kernels.slice_head`` for the single pass's dz kernel, else ``rlcore.kernels.linear_logprobs``."""
+    if kernel == "dz_from_logits":
+        from rlcore.kernels import slice_head
+
+        return slice_head
     if kernel in _SEGMENT_KERNELS:
         from rlcore.kernels import segments
 
@@ -177,7 +210,8 @@ def job_id(job: dict) -> str:
         mode = "-" + (job["mode"]["dot_precision"] if job["mode"]["cast_fp32"] else "native")
     name = job["kernel"] if job["role"] == job["kernel"] else f"{job['kernel']}:{job['role']}"
     blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK_"))
-    flags = "".join(f for f, k in (("b", "HAS_BIAS"), ("e", "HAS_GRAD_ENT")) if job["constexprs"].get(k))
+    flags = "".join(f for f, k in (("b", "HAS_BIAS"), ("e", "HAS_GRAD_ENT"), ("z", "Z_OUT"))
+                    if job["constexprs"].get(k))
     variant = "" if job["kernel"] not in ("fwd", "dz") else f"-v{flags or '0'}"
     shape = f"-{job['shape']}" if "shape" in job else ""
     return (f"{name}-{job['table']}[{job['index']}]-{blocks}-w{c['num_warps']}s{c['num_stages']}"
@@ -219,8 +253,8 @@ def launch_ints(kernel: str, role: str, shape: dict, cfg: dict, arch: int) -> di
 
 def _variants(kernel: str) -> list[dict]:
     """The compile-time variants a kernel ships in: bias or not, an entropy gradient or not."""
-    if kernel == "fwd":
-        return [dict(HAS_BIAS=b) for b in (False, True)]
+    if kernel == "fwd":   # Z_OUT: the fused loss's single pass, which keeps the logits
+        return [dict(HAS_BIAS=b, Z_OUT=z) for z in (False, True) for b in (False, True)]
     if kernel == "dz":
         return [dict(HAS_BIAS=b, HAS_GRAD_ENT=e) for b in (False, True) for e in (False, True)]
     return [{}]
@@ -271,7 +305,7 @@ def enumerate_jobs(archs=ARCHS) -> list[dict]:
                             seen.add(binary)
                             job["id"] = job_id(job)
                             jobs.append(job)
-    return jobs + _segment_jobs(archs)
+    return jobs + _segment_jobs(archs) + _slice_head_jobs(archs)
 
 
 def _divisible(job: dict) -> list:
