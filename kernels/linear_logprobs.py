@@ -107,7 +107,14 @@ __all__ = [
     "DZ_CONFIGS",
     "MATMUL_CONFIGS",
     "CONFIGS",
+    "ARCHS",
+    "arch_key",
+    "candidate_configs",
     "default_config",
+    "choose_config",
+    "autotune_enabled",
+    "tuning_key",
+    "n_bucket",
     "linear_logprobs_fwd",
     "linear_logprobs_bwd",
     "merge_partials",
@@ -428,14 +435,14 @@ class MatmulConfig:
 # - fwd, half, sm90: 128x128 logit tiles on 8 warps = two warp groups, each a 64x128 wgmma with a 64-register FP32
 #   accumulator per thread, which leaves room for the tile's softmax update (another 64 live values) without spills.
 #   4 stages of 64-wide H slices (4 x 32 KiB of shared memory) keep ~3 slices of h and W in flight across the flat
-#   (tile, slice) loop, which at ~3.3 TB/s and 128 FLOP/byte per slice hides HBM/L2 latency. The 64-row, 4-warp
-#   alternative (one warp group, 64 KiB) runs two or three blocks per SM, so one block's softmax overlaps another's
-#   MMAs: the candidate when the 8-warp tile stalls on its epilogue.
+#   (tile, slice) loop, which at ~3.3 TB/s and 128 FLOP/byte per slice hides HBM/L2 latency. The alternative, a
+#   64-row tile on 8 warps (169 registers, no spill with the single pass's logits store; on 4 warps it spills 24
+#   bytes there), doubles the row blocks for small N; 3 stages trade latency hiding for shared memory.
 # - fwd, half, sm80: mma.sync keeps the accumulator in the issuing warp's registers, and with the flat loop's
 #   epilogue a 128x128 tile on 8 warps needs 255 registers and spills 28-44 bytes (the gate's figures), so the
-#   default is 128x64 (186 registers, no spill; the 128 rows share each W tile, the larger operand) at 4 stages
-#   (73 KiB: two blocks per SM, one's softmax update overlapping the other's MMAs). 128x64 on 4 warps spills on
-#   sm_90 too, and is not shipped.
+#   default is 128x64 (186 registers, 255 with the single pass's logits store, no spill in either; the 128 rows
+#   share each W tile, the larger operand) at 4 stages (73 KiB). 128x64 on 4 warps spills on sm_90 too, and is not
+#   shipped. (Two blocks per SM would need <= 128 registers at 8 warps: none of these tiles gets there.)
 # - fp32 (tf32 / 3xTF32) tiles: 3xTF32 keeps hi and lo parts of both operands, so the H slice is 16-32 wide and the
 #   output tile 64x128 (larger ones spill on sm_80).
 # - dz: the forward's logit GEMM without the vocabulary loop, plus the [BLOCK_N, BLOCK_V] store of dz: the same tiles.
@@ -443,11 +450,11 @@ class MatmulConfig:
 #   choice), 3 stages on sm_80. 128x256 tiles spill on both (their 128-register accumulator plus addresses).
 _HALF_FWD_SM90 = [
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4),   # 244-254 registers, 128 KiB: one block per SM
-    KernelConfig(64, 128, 64, num_warps=4, num_stages=4),    # 246 registers x 128 threads, 96 KiB: two per SM
+    KernelConfig(64, 128, 64, num_warps=8, num_stages=4),    # 169 registers: twice the row blocks for small N
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
 ]
 _HALF_FWD_SM80 = [
-    KernelConfig(128, 64, 64, num_warps=8, num_stages=4),    # 186 registers, 73 KiB: two blocks per SM
+    KernelConfig(128, 64, 64, num_warps=8, num_stages=4),    # 186 registers, 73 KiB
     KernelConfig(64, 128, 64, num_warps=8, num_stages=4),    # 196 registers
 ]
 _FP32_FWD = [

@@ -28,9 +28,10 @@ from .common import is_interpreter
 
 __all__ = ["SliceHead"]
 
-# Elementwise tiles of the dz kernel: 1024 FP32 logits per row block x 8 rows = 32 KiB in flight per program, enough
-# to stream at full HBM bandwidth with 4 warps; no dot, so nothing to tune per architecture.
-_DZ_BLOCK_N, _DZ_BLOCK_V, _DZ_WARPS = 8, 1024, 4
+# Elementwise tiles of the dz kernel: 4 rows x 1024 FP32 logits = 16 KiB read per program, 32 values per thread on
+# 4 warps. 8 rows took 218 registers with the entropy term (the gate's figure): fewer resident warps for a kernel that
+# only streams memory. No dot, so nothing to tune per architecture.
+_DZ_BLOCK_N, _DZ_BLOCK_V, _DZ_WARPS = 4, 1024, 4
 _INTERP_DZ_BLOCK_N, _INTERP_DZ_BLOCK_V = 4, 32
 # A target id no row has: every row of a slice carries gradient, so no row block of the forward may be skipped.
 _NO_IGNORE = -(2**31)

@@ -530,11 +530,14 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (default 80 90)")
     parser.add_argument("--defaults-only", action="store_true",
                         help="only the default config of each table (every variant and shape), no alternatives")
+    parser.add_argument("--only", default=None, metavar="TEXT", help="only the builds whose id contains TEXT")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     jobs = enumerate_jobs(tuple(args.arch))
     if args.defaults_only:
         jobs = [job for job in jobs if job["index"] == 0]
+    if args.only:
+        jobs = [job for job in jobs if args.only in job["id"]]
     records = run(jobs, workers=args.workers)
     print(_summary(records), file=sys.stderr)
     print(f"{len(records)} builds in {time.perf_counter() - start:.1f} s on {args.workers} workers", file=sys.stderr)
