@@ -770,14 +770,17 @@ def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=No
 def _norms(valid, n_seq, nonempty, layout, cdt, o: Opts, spec: LossSpec) -> Norms:
     dev = valid.device
 
+    def scalar(x):            # a fill, not a host-to-device copy
+        return torch.full((), float(x), dtype=cdt, device=dev) if not isinstance(x, torch.Tensor) else x.to(cdt)
+
     def given(x, fallback):
-        return fallback if x is None else torch.as_tensor(x, dtype=cdt, device=dev)
+        return fallback if x is None else scalar(x)
 
     num_seqs = given(o.num_seqs, nonempty.sum().to(cdt))
     pairs = (n_seq.view(-1, 2).sum(-1) > 0).sum().to(cdt) if spec.unit == "pair" and layout.B % 2 == 0 \
         else nonempty.sum().to(cdt)
     return Norms(num_tokens=given(o.num_tokens, valid.sum().to(cdt)), num_seqs=num_seqs, num_pairs=pairs,
-                 batch=given(o.num_seqs, torch.tensor(float(layout.B), dtype=cdt, device=dev)))
+                 batch=given(o.num_seqs, scalar(layout.B)))
 
 
 def _is_weights(delta, valid, layout, o: Opts):
