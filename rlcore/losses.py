@@ -5,7 +5,8 @@ The math is in ``docs/losses.md`` (the project's own statement of every loss, op
 **The registry.** ``LOSSES`` maps each ``loss_type`` to a :class:`LossSpec`: its family, its unit (token, sequence
 or pair), the options it takes and their defaults, the inputs it needs, its batch-wide constants (group baselines),
 and ``terms``: the function that turns a prepared :class:`Batch` into per-token or per-unit loss terms and metrics.
-The built-in entries live in ``rlcore/loss_terms.py``; :func:`register_loss` adds a user's own.
+The built-in entries live in ``rlcore/loss_terms.py`` (registered when ``rlcore`` is imported); :func:`register_loss`
+adds a user's own.
 
 **The driver.** :func:`policy_loss` runs every loss in the same steps:
 
@@ -39,7 +40,7 @@ import torch
 
 __all__ = [
     "policy_loss", "vstar", "PolicyLossOutput", "LossSpec", "Terms", "Batch", "Option", "LOSSES", "OPTIONS",
-    "register_loss", "prepare", "evaluate", "LOSS_TYPES", "AGGS", "IS_MODES", "KL_ESTIMATORS", "RATIO_LEVELS",
+    "register_loss", "prepare", "evaluate", "AGGS", "IS_MODES", "KL_ESTIMATORS", "RATIO_LEVELS",
     "DEFAULT",
 ]
 
@@ -974,7 +975,3 @@ def policy_loss(
                     rewards=rewards, baseline=baseline, check_inputs=check_inputs)
     return evaluate(spec, batch, opts)
 
-
-from . import loss_terms  # noqa: E402,F401  (registers the built-in losses)
-
-LOSS_TYPES = tuple(_REGISTRY)
