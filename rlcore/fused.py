@@ -5,7 +5,7 @@ Two strategies compute the same loss and gradients as ``policy_loss(linear_logpr
 ``two_pass``
     Exactly that composition. The forward streams the vocabulary once for ``logp`` (and the entropy); autograd
     differentiates the O(N) loss; the op's backward recomputes the logits tiles to form ``dz``. Four GEMM-sized
-    passes over the head (logits twice, ``dh``, ``dW``). Any backend; the only choice on CUDA (Triton).
+    passes over the head (logits twice, ``dh``, ``dW``). Any backend.
 
 ``single_pass``
     One pass over slices of *whole sequences*. A slice's ``[C, V]`` logits are formed once (FP32), reduced to ``logp``
@@ -13,10 +13,13 @@ Two strategies compute the same loss and gradients as ``policy_loss(linear_logpr
     whole batch, so the batch loss is the sum of the slices' losses: every loss in ``policy_loss`` is a sum over
     sequences with mask-only coefficients), and the same logits become ``dz``, ``dh`` and ``dW`` while still in
     memory. Three GEMMs instead of four, at the price of a slice that holds whole sequences: it runs when every
-    sequence's loss tokens times V fit ``chunk_budget`` elements. Chunked PyTorch (the CPU backend's math).
+    sequence's loss tokens times V fit ``chunk_budget`` elements. Chunked PyTorch (the CPU backend's math), or the
+    Triton kernels (``rlcore/kernels/slice_head.py``: the forward kernel keeps the slice's FP32 logits, ``dz`` is
+    formed from them, then the dh and dW GEMMs).
 
-``strategy="auto"`` picks ``single_pass`` on the chunked PyTorch backend when the sequences fit the budget (measured
-faster there, see ``bench/results``), else ``two_pass``. With ``backend="auto"`` on CPU that means ``two_pass`` on the
+``strategy="auto"`` picks ``single_pass`` on the chunked PyTorch backend (measured faster there, see
+``bench/results``) and on the Triton backend (one GEMM fewer; designed, not yet measured on a GPU) when the sequences
+fit the budget, else ``two_pass``. With ``backend="auto"`` on CPU that means ``two_pass`` on the
 compiled backend (measured 0.59x the chunked single pass), and the chunked single pass only where the extension
 cannot be built. Both skip the rows that no loss term reads (prompt, padding,
 tool and observation tokens): on CPU they are dropped before any GEMM; on CUDA their targets become
@@ -25,7 +28,6 @@ tool and observation tokens): on CPU they are dropped before any GEMM; on CUDA t
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
