@@ -77,13 +77,13 @@ def _reference(case, clean, mask_rows):
     return out
 
 
-def _check(case, clean, dead, backend):
+def _check(case, clean, dead, backend, fp32_tol=2e-5):
     grads = _grads(case, backend, ~dead)
     ref = _reference(case, clean, ~dead)
     for name, g in grads.items():
         assert torch.isfinite(g).all(), f"{name}: non-finite entries on backend {backend!r}"
     assert (grads["dh"][dead.to(grads["dh"].device)] == 0).all(), "dh of a row without gradient must be exactly 0"
-    tol = 2e-5 if case.hidden.dtype == torch.float32 else 2e-2
+    tol = fp32_tol if case.hidden.dtype == torch.float32 else 2e-2
     for name, g in grads.items():
         err = (g.double() - ref[name]).abs().max() / ref[name].abs().max().clamp_min(1e-30)
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol} on backend {backend!r}"
@@ -129,8 +129,10 @@ def test_every_row_ignored_and_poisoned(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(N=st.integers(1, 40), V=st.integers(2, 300), seed=st.integers(0, 2**16), bias=st.booleans())
 def test_poisoned_padding_hypothesis(backend, N, V, seed, bias):
-    """(V = 1 is left out: every gradient is then 0 up to rounding, and a relative error means nothing.)"""
+    """Random shapes: the NaN-free, zero-``dh`` property exactly, the values at 1e-4 (a tiny vocabulary with one
+    dominant entry leaves gradients of ``1 - p`` whose FP32 cancellation alone exceeds the fixed cases' 2e-5 bar;
+    V = 1 is left out, every gradient is then 0 up to rounding)."""
     case, clean, dead = _poisoned(N, 24, V, torch.float32, bias, seed=seed, zero_grad_rows=True)
     if bool(dead.all()):
         return
-    _check(case, clean, dead, backend)
+    _check(case, clean, dead, backend, fp32_tol=1e-4)
