@@ -295,7 +295,9 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; inputs must share a device")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0 and 1.0 / temperature < _FP32_MAX):
+    # comparisons only (NaN fails the first): under torch.compile(dynamic=True) a temperature argument is a traced
+    # SymFloat, which math.isfinite cannot take; these become value-range guards, not one graph per value
+    if not (temperature > 0 and temperature < math.inf and 1.0 / temperature < _FP32_MAX):
         raise ValueError(f"temperature must be finite and > 0 (and 1/temperature finite in float32), got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -404,11 +406,13 @@ def linear_logprobs(
         backend, layout = distributed.shard_layout(process_group, _check_inputs, *check)
     h2 = hidden.reshape(targets.numel(), hidden.shape[-1])   # [N, H]
     t1 = targets.reshape(-1)                                 # [N]
+    # a traced SymFloat stays symbolic (float() would specialise the graph on its value)
+    temperature = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
     if process_group is None:
-        logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, float(temperature), int(ignore_index), precision,
+        logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, temperature, int(ignore_index), precision,
                                            backend, bool(check_targets))
     else:
-        logp, ent = distributed.vocab_parallel_logprobs(h2, weight, bias, t1, layout, float(temperature),
+        logp, ent = distributed.vocab_parallel_logprobs(h2, weight, bias, t1, layout, temperature,
                                                         int(ignore_index), precision, backend, bool(check_targets))
     logp = logp.view(targets.shape)
     if return_entropy:
