@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,15 @@ class ConfigError(ValueError):
 
     def render(self, label: str) -> str:
         """The message with the field called ``label`` (``--lr`` on the command line, ``lr`` in a file)."""
-        text = f"{label} must be {self.accepted}, got {self.value!r}"
+        text = f"{label} must be {self.accepted}, got {_shown(self.value)}"
         return f"{text} ({self.reason})" if self.reason else text
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it: ``-1e-3`` for the string YAML makes of it, ``'fp64'`` for a word."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+        return value.strip()
+    return repr(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

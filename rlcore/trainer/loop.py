@@ -98,6 +98,7 @@ class Trainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.history: List[Dict] = []
         self.skipped_in_a_row = 0
+        self._skip_note = ""
 
     # ------------------------------------------------------------------------------------------------------------
     # set-up
@@ -275,11 +276,15 @@ class Trainer:
         metrics["skipped"] = skipped
         self.step = step
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped == cfg.epochs else 0
-        if self.skipped_in_a_row >= cfg.max_skipped:
-            raise RunError(f"the last {self.skipped_in_a_row} steps (up to step {step}) skipped every update: the "
-                           f"loss or the gradient norm was not finite{_reward_note(batch.rewards)}. The run stopped "
-                           f"rather than go on learning nothing (max_skipped={cfg.max_skipped})")
+        self._skip_note = _reward_note(batch.rewards) if skipped else ""
         return metrics
+
+    def _stop_if_stuck(self) -> None:
+        """:class:`RunError` once ``max_skipped`` steps in a row had every update skipped."""
+        if self.skipped_in_a_row >= self.cfg.max_skipped:
+            raise RunError(f"the last {self.skipped_in_a_row} steps (up to step {self.step}) skipped every update: "
+                           f"the loss or the gradient norm was not finite{self._skip_note}. The run stopped rather "
+                           f"than go on learning nothing (max_skipped={self.cfg.max_skipped})")
 
     def _batch_metrics(self, fresh: RolloutBatch, batch: RolloutBatch, old: torch.Tensor) -> Dict[str, float]:
         """Reward of the fresh rollouts, completion length, and the training-inference mismatch on ``batch``."""
@@ -410,25 +415,33 @@ class Trainer:
                 first.update(self.apo_stats)
         self._rewrite_metrics()
         bar = _progress(cfg, self.step)
-        while self.step < cfg.steps:
-            metrics = self.train_step()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                metrics.update(self.evaluate())
-            record = dict(step=self.step, **metrics)
-            self.history.append(record)
-            self._append_metrics(record)
+        try:
+            while self.step < cfg.steps:
+                self._one_step(bar)
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.3g}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                _say(_line(record, cfg.steps))
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save()
-        if bar is not None:
-            bar.close()
+                bar.close()
         if dist.is_main():
             self._summary()
         return self.history
+
+    def _one_step(self, bar) -> None:
+        """A training step with its evaluation, metrics line, progress, stop check and checkpoint."""
+        cfg = self.cfg
+        metrics = self.train_step()
+        if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            metrics.update(self.evaluate())
+        record = dict(step=self.step, **metrics)
+        self.history.append(record)
+        self._append_metrics(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.3g}")
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            _say(_line(record, cfg.steps))
+        self._stop_if_stuck()
+        if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+            self.save()
 
     def _rewrite_metrics(self) -> None:
         """``metrics.jsonl`` = the history so far (a resumed run drops the lines of steps after its checkpoint)."""
