@@ -339,3 +339,35 @@ def test_docs_point_at_files_that_exist():
         headings = {re.sub(r"[^\w -]", "", h).strip().lower().replace(" ", "-")
                     for h in re.findall(r"^#+ (.+)$|^\*\*(.+?)\.\*\*", readme, re.M) for h in h if h}
         assert anchor in headings, anchor
+
+
+def test_bench_writes_outside_the_tracked_results_by_default():
+    from bench.cli import default_out
+
+    out = default_out("cpu-some-slug")
+    assert (ROOT / "bench" / "results") not in out.parents
+    if (ROOT / ".git").exists():
+        import subprocess
+
+        probe = out / "20260101-000000.json"
+        proc = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=ROOT)
+        assert proc.returncode == 0, f"{probe} is not ignored by git"
+        proc = subprocess.run(["git", "check-ignore", "-q", str(ROOT / "runs" / "gspo" / "metrics.jsonl")], cwd=ROOT)
+        assert proc.returncode == 0, "runs/ is not ignored by git"
+
+
+def test_bench_quick_on_cpu_stays_small():
+    """--quick on CPU: every case at N = 1024 on cpu-small, no torch.compile (its minutes of compiling), so the
+    largest materialised [N, V] logits stay far from the 5 GB of N = 8192 (the full run keeps it)."""
+    from bench.cases import CASES
+    from bench.runner import Config, plan
+    from bench.shapes import default_shapes
+
+    def groups(quick):
+        cfg = Config(device=torch.device("cpu"), quick=quick, cases=tuple(CASES),
+                     shapes=default_shapes("cpu", quick), dtypes=("fp32",), providers=())
+        return plan(cfg)
+
+    quick = groups(True)
+    assert quick and {n for *_, n in quick} == {1024} and {s for _, s, _, _ in quick} == {"cpu-small"}
+    assert 8192 in {n for *_, n in groups(False)}
