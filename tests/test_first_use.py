@@ -371,3 +371,38 @@ def test_bench_quick_on_cpu_stays_small():
     quick = groups(True)
     assert quick and {n for *_, n in quick} == {1024} and {s for _, s, _, _ in quick} == {"cpu-small"}
     assert 8192 in {n for *_, n in groups(False)}
+
+
+def test_validate_points_at_an_explanation_of_the_bar(capsys):
+    """The table's header sends the reader to `-h` and the README; both explain the bar with its numbers."""
+    import rlcore.validate as validate
+
+    with pytest.raises(SystemExit):
+        validate.main(["-h"])
+    text = capsys.readouterr().out
+    assert "``" not in text
+    assert "FP32_TOL (relative): logp 2e-05" in text and "no worse than PyTorch's own computation" in text
+    assert "err/bar column is the worst error as a fraction of its bar" in text
+    readme = (ROOT / "README.md").read_text()
+    assert "## Precision" in readme and "**Accuracy bar.**" in readme
+    assert "README.md#precision" in (ROOT / "rlcore" / "validate.py").read_text()
+
+
+def test_the_vocabulary_parallel_readme_example_runs_as_written(tmp_path):
+    """The README's tensor-parallel example, cut out of the README as is, under torchrun with two gloo ranks."""
+    import os
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    (code,) = [b for b in blocks if "process_group=tp_group" in b and "init_process_group" in b]
+    script = tmp_path / "tp_example.py"
+    script.write_text(code + "\nprint('rank', r, 'loss', float(out.loss), 'grad', float(w_shard.grad.abs().sum()))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = {line.split()[3] for line in proc.stdout.splitlines() if line.startswith("rank ")}
+    assert len(losses) == 1 and math.isfinite(float(losses.pop()))       # both ranks, the same loss
