@@ -2,12 +2,14 @@
 
 from .logprobs import BACKENDS, PRECISIONS, linear_logprobs
 from .fused import fused_policy_loss
-from .losses import AGGS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, PolicyLossOutput, policy_loss, vstar
+from .losses import (AGGS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, LOSSES, RATIO_LEVELS, LossSpec, PolicyLossOutput, Terms,
+                     policy_loss, register_loss, vstar)
 from . import reference
 from .advantages import group_advantages
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "linear_logprobs", "policy_loss", "fused_policy_loss", "vstar", "PolicyLossOutput", "LOSS_TYPES", "AGGS", "IS_MODES", "KL_ESTIMATORS",
-    "group_advantages", "reference", "PRECISIONS", "BACKENDS", "__version__"]
+    "linear_logprobs", "policy_loss", "fused_policy_loss", "vstar", "PolicyLossOutput", "LOSS_TYPES", "AGGS", "IS_MODES",
+    "KL_ESTIMATORS", "RATIO_LEVELS", "LOSSES", "LossSpec", "Terms", "register_loss", "group_advantages",
+    "reference", "PRECISIONS", "BACKENDS", "__version__"]
