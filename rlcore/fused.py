@@ -16,7 +16,8 @@ Two strategies compute the same loss and gradients as ``policy_loss(linear_logpr
     sequence's loss tokens times V fit ``chunk_budget`` elements. Chunked PyTorch (the CPU backend's math).
 
 ``strategy="auto"`` picks ``single_pass`` on the chunked PyTorch backend when the sequences fit the budget (measured
-faster there, see ``bench/results``), else ``two_pass``. With ``backend="auto"`` on CPU that means ``two_pass`` on the
+faster there, see ``bench/results``), else ``two_pass``; under ``torch.compile`` it is ``two_pass`` (the choice
+reads the mask, which a traced graph cannot branch on). With ``backend="auto"`` on CPU that means ``two_pass`` on the
 compiled backend (measured 0.59x the chunked single pass), and the chunked single pass only where the extension
 cannot be built. Both skip the rows that no loss term reads (prompt, padding,
 tool and observation tokens): on CPU they are dropped before any GEMM; on CUDA their targets become
@@ -29,6 +30,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.compiler import is_compiling as compiling
 
 from . import chunked, cpp, distributed
 from .logprobs import _check_inputs, _check_target_range, linear_logprobs
@@ -131,7 +133,8 @@ def fused_policy_loss(
         strategy = "two_pass"
     if strategy == "auto":
         strategy = "two_pass"
-        if resolved_backend == "torch" and _single_pass_refusal(spec, opts) is None:
+        # under torch.compile the choice would read the mask (a data-dependent branch): two_pass, which traces
+        if resolved_backend == "torch" and _single_pass_refusal(spec, opts) is None and not compiling():
             budget = CHUNK_BUDGET if chunk_budget is None else chunk_budget
             if _longest_unit(loss_mask, cu_seqlens, spec) * weight.shape[0] <= budget:
                 strategy = "single_pass"

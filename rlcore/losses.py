@@ -113,9 +113,14 @@ def _describe(x) -> str:
 
 
 def _real(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise ValueError(f"{name} must be a finite real number, got {x!r}")
-    return float(x)
+    # a float traced by torch.compile(dynamic=True) is a SymFloat: kept symbolic (float() would specialise the graph
+    # on its value) and checked with comparisons (NaN fails them), which math.isfinite cannot take
+    value = x if isinstance(x, torch.SymFloat) else float(x)
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be a finite real number, got {x!r}")
+    return value
 
 
 def _positive(name: str, x) -> float:

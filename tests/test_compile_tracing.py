@@ -58,3 +58,50 @@ def test_the_backend_probe_is_a_trace_time_constant(monkeypatch):
         assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(torch.ones(3)), torch.zeros(3))
     finally:
         rlcore.cpp._reset()
+
+
+def _batch(T: int, seed: int, H: int = 16, V: int = 37):
+    g = torch.Generator().manual_seed(seed)
+    B = 3
+    h = torch.randn(B, T, H, generator=g).requires_grad_(True)
+    w = torch.randn(V, H, generator=g).requires_grad_(True)
+    t = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    adv = torch.randn(B, generator=g)
+    old = -3.0 + 0.1 * torch.randn(B, T, generator=g)
+    return h, w, t, mask, adv, old
+
+
+def _policy_step(logp, adv, mask, old, eps_high):
+    return rlcore.policy_loss(logp, adv, mask, old_logp=old, loss_type="gspo", eps_high=eps_high).loss
+
+
+def _fused_step(h, w, t, adv, mask, old, eps_high):
+    return rlcore.fused_policy_loss(h, w, t, adv, mask, old_logp=old, loss_type="cispo", eps_high=eps_high,
+                                    entropy_coef=1e-3, backend="torch").loss
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("which", ["policy_loss", "fused_policy_loss"])
+def test_losses_trace_with_traced_options(which, dynamic):
+    """fullgraph with a float option (eps_high) an argument: the eager loss and gradients; under dynamic=True new
+    lengths and new tensor values reuse the first graph (a recompile raises). A new value of a float option is a
+    new graph: Dynamo specialises the Python floats that reach an op's scalar argument."""
+    torch._dynamo.reset()
+    fn = _policy_step if which == "policy_loss" else _fused_step
+    step = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for i, (T, eps) in enumerate(((5, 0.28), (7, 0.28), (9, 0.28), (13, 0.28))):
+        h, w, t, mask, adv, old = _batch(T, i)
+        if which == "policy_loss":
+            logp = (old.detach() + 0.2 * torch.randn(old.shape)).requires_grad_(True)
+            args, wrt = (logp, adv, mask, old, eps), [logp]
+        else:
+            args, wrt = (h, w, t, adv, mask, old, eps), [h, w]
+        with torch._dynamo.config.patch(error_on_recompile=dynamic and i > 0):
+            got = step(*args)
+        grads = torch.autograd.grad(got, wrt)
+        want = fn(*args)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(grads, torch.autograd.grad(want, wrt)):
+            torch.testing.assert_close(a, b)
