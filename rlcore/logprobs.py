@@ -72,13 +72,23 @@ def launched_modes():
     return list(modes)
 
 
-def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Raise on ids outside ``[0, V)`` that are not ``ignore_index``; runs before any kernel reads through them.
+def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int,
+                        bias: Optional[torch.Tensor] = None) -> None:
+    """Raise on ids outside ``[0, V)`` that are not ``ignore_index``, and on a ``bias`` that is ``-inf`` for every
+    entry (no token could have probability > 0: the log-probs would be NaN); runs before any kernel.
 
-    This is the one host sync of the op (it has to be, to raise): a single reduction over ``[N]`` ids.
+    This is the one host sync of the op (it has to be, to raise): a reduction over ``[N]`` ids (and ``[V]`` bias
+    entries), read back together.
     """
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
+    any_bad = bad.any()
+    if bias is not None and targets.numel():
+        none_finite = torch.isneginf(bias).all()
+        any_bad, none_finite = torch.stack([any_bad, none_finite]).tolist()
+        if none_finite:
+            raise ValueError("bias is -inf for every vocabulary entry: no token can have probability > 0 (a -inf "
+                             "bias masks an entry; at least one must stay finite)")
+    if bool(any_bad):
         first = targets[bad][0].item()
         raise ValueError(
             f"targets: id {first} is outside [0, {V}) (V = weight.shape[0]) and is not ignore_index={ignore_index}"
@@ -106,7 +116,7 @@ def _forward(hidden, weight, bias, targets, temperature, ignore_index, check_tar
         return hidden.new_empty((0,), dtype=dtype), hidden.new_empty((0,), dtype=dtype), hidden.new_empty(
             (2, 0), dtype=dtype)
     if check_targets:
-        _check_target_range(targets, V, ignore_index)
+        _check_target_range(targets, V, ignore_index, bias)
     lse, ent, zt = fwd(hidden, weight, bias, targets, 1.0 / temperature)
     valid = targets != ignore_index
     logp = torch.where(valid, zt - lse, 0.0)
@@ -251,6 +261,19 @@ def _backward(ctx, grad_logp, grad_ent, _grad_stats):
 torch.library.register_autograd("rlcore::linear_logprobs", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "rlcore.linear_logprobs has no second derivative: its backward is a fused kernel, so the gradient it "
+        "returns (under create_graph=True) cannot be differentiated again. For higher-order gradients use the "
+        "materialised rlcore.reference.linear_logprobs_reference")
+
+
+# The backward op's own autograd formula: a clear error at a double backward, instead of PyTorch's registration
+# message from deep inside the op. First-order gradients (with or without create_graph) never call it.
+torch.library.register_autograd("rlcore::linear_logprobs_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------------------
@@ -301,6 +324,9 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
         raise ValueError(f"temperature must be finite and > 0 (and 1/temperature finite in float32), got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (target ids are integers of at most 64 bits), got "
+                         f"{ignore_index}")
     fp64 = torch.float64 in (hidden.dtype, weight.dtype)
     if not fp64:
         allowed = {(h, w): precisions for h, w, precisions in _dtype_pairs()}
