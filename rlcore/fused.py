@@ -26,7 +26,6 @@ tool and observation tokens): on CPU they are dropped before any GEMM; on CUDA t
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

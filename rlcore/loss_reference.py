@@ -10,8 +10,8 @@ written out literally, one token at a time, in float64:
 - Gradients flow to ``logp`` and ``entropy`` (whatever dtype they have: they are cast to float64 differentiably).
   All other inputs are constants; ``sg(x)`` is ``x.detach()``.
 
-It never imports the fast path (``rlcore.losses``, ``rlcore.segments``): it is an independent second implementation,
-meant to be obviously right rather than fast. Use it on batches of a few dozen tokens.
+It never calls the fast path (``rlcore.losses``' arithmetic, ``rlcore.segments``): it reads only the registry's names
+and defaults, and is otherwise an independent second implementation, meant to be obviously right rather than fast. Use it on batches of a few dozen tokens.
 
 Where the contract leaves a choice, this file takes (and the tests avoid depending on the last two):
 
@@ -51,10 +51,8 @@ CLIPPED = PPO_FORMS + ("cispo", "reinforce")                     # the per-token
 REGRESSION = ("apo", "oapl", "kimi", "rebel")                    # the squared-regression family (section 5)
 ZOO = ("sapo", "vespo", "luspo", "gmpo", "dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov")   # section 8
 LOSS_TYPES = CLIPPED + REGRESSION + ZOO
-AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
-        "constant")
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
+# the accepted names are defined once, in rlcore.losses (data, not arithmetic)
+from .losses import AGGS, IS_MODES, KL_ESTIMATORS  # noqa: E402
 
 
 def _default(loss_type: str, name: str):

@@ -15,15 +15,13 @@ The peers' own code is checked in ``tests/test_loss_peers.py`` (skipped where TR
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from .test_losses import (F64, GRID_BATCH, GRID_LENGTHS, _bad_args, _lp, _r2, assert_close, canonical, check_same,
+from .test_losses import (F64, GRID_BATCH, _bad_args, _lp, _r2, assert_close, canonical, check_same,
                          layout, make_batch, run)
 
 import rlcore
-from rlcore import LossSpec, Terms, policy_loss, register_loss
+from rlcore import policy_loss, register_loss
 from rlcore.loss_reference import ZOO, policy_loss_reference
 
 ALWAYS = {"num_tokens", "num_seqs", "ratio_mean", "ratio_min", "ratio_max", "approx_kl_old"}
@@ -234,9 +232,15 @@ def test_compiles_fullgraph(loss_type, kw, packed):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist on CUDA")
-@pytest.mark.parametrize("loss_type,kw", [("clip_cov", {}), ("kl_cov", {}), ("ppo", dict(top_entropy_quantile=0.2))])
-def test_no_host_sync(loss_type, kw):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("loss_type,kw", [("clip_cov", {}), ("kl_cov", {}), ("ppo", dict(top_entropy_quantile=0.2)),
+                                          ("sapo", dict(off_policy_mask=0.1, num_seqs=4)), ("gmpo", {}),
+                                          ("vespo", {})])
+def test_no_host_sync(loss_type, kw, packed):
     lp, old, adv, mask = (x.cuda() for x in _tensors(6))
+    if packed:
+        lp, old, mask = lp.reshape(-1), old.reshape(-1), mask.reshape(-1)
+        kw = dict(kw, cu_seqlens=torch.arange(5, device="cuda", dtype=torch.int32) * 6)
     lp = lp.detach().requires_grad_()
     ent = torch.rand(lp.shape, device="cuda", dtype=F64)
     torch.cuda.synchronize()
@@ -264,17 +268,25 @@ def test_registry_is_read_only_and_complete():
             assert opt in rlcore.losses.OPTIONS, (name, opt)
 
 
+def _readme_example() -> str:
+    """The README's "Your own loss" code block, as written."""
+    import pathlib
+    import re
+    import textwrap
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", text, re.S)]
+    (block,) = [b for b in blocks if "register_loss(" in b]
+    return block
+
+
 def test_register_a_users_loss():
-    """The README's example: a clipped loss is one terms function and one entry."""
-    from rlcore.loss_terms import token_ratio
-
-    def terms(b, o):
-        ratio = token_ratio(b, o)                                   # rho_t, with its gradient
-        return Terms(token=-torch.clamp(ratio, max=o.eps_high + 1.0) * b.A, ratio=ratio)
-
-    spec = register_loss(LossSpec("capped_pg", terms, defaults=dict(eps_high=0.5), needs=("old_logp",),
-                                  peer="none (a test)"), replace_existing=True)
+    """The README's example runs as written, and its loss is what it says: the capped PG term with the driver's
+    mismatch weights, in ``policy_loss`` and in both strategies of ``fused_policy_loss``."""
+    scope: dict = {}
     try:
+        exec(_readme_example(), scope)
+        spec = rlcore.LOSSES["capped_pg"]
         lp, old, adv, mask = _tensors(7)
         out = policy_loss(lp, adv, mask, old_logp=old, loss_type="capped_pg", is_mode="token_truncate",
                           sampler_logp=old - 0.1)
@@ -282,6 +294,16 @@ def test_register_a_users_loss():
         want = (-torch.clamp(torch.exp(lp - old), max=1.5) * adv[:, None] * w * mask).sum() / mask.sum()
         assert_close(out.loss, want, "loss")
         assert "is_weight_mean" in out.metrics and "approx_kl_old" in out.metrics
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(4, 6, 5, dtype=F64, generator=g, requires_grad=True)
+        W = torch.randn(9, 5, dtype=F64, generator=g, requires_grad=True)
+        t = torch.randint(0, 9, (4, 6), generator=g)
+        lp_h = rlcore.linear_logprobs(h.reshape(-1, 5), W, t.reshape(-1), backend="torch").view(4, 6)
+        want = policy_loss(lp_h, adv, mask, old_logp=old, loss_type="capped_pg").loss
+        for strategy in ("two_pass", "single_pass"):
+            got = rlcore.fused_policy_loss(h, W, t, adv, mask, old_logp=old, loss_type="capped_pg", backend="torch",
+                                           strategy=strategy).loss
+            assert_close(got, want, strategy)
         with pytest.raises(ValueError, match="already registered"):
             register_loss(spec)
     finally:
