@@ -7,6 +7,7 @@ file. Exit status: 0 done, 2 a bad config (nothing was built), 1 a run that stop
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import List, Optional
 
@@ -30,8 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="RL-train a causal LM (the embedded demo task by default)",
                            description=_TRAIN)
     train.add_argument("--config", metavar="FILE", help="a JSON or YAML file of TrainConfig fields")
+    from .trainer.tasks import TASKS
+
+    metavars = dict(out="DIR", model="PATH", reward="MODULE:FUNCTION")
     for name, (text, kind) in TrainConfig.fields_help().items():
         default = _DEFAULTS[name]
+        if name == "task":                           # a registry (rlcore.trainer.TASKS), so its current keys
+            kind = dataclasses.replace(kind, choices=tuple(TASKS))
         if kind.py is bool:
             train.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{text} (default: {'on' if default else 'off'})")
@@ -42,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                                help=f"{text}; one of %(choices)s (default: {shown})")
         else:
             # a string, parsed by TrainConfig, so the file and the flag share one parser and one message
-            train.add_argument(_flag(name), dest=name, default=None, metavar=kind.py.__name__.upper(),
+            train.add_argument(_flag(name), dest=name, default=None,
+                               metavar=metavars.get(name, kind.py.__name__.upper()),
                                help=f"{text}; {kind.accepted()} (default: {shown})")
     return parser
 

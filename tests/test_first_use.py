@@ -406,3 +406,26 @@ def test_the_vocabulary_parallel_readme_example_runs_as_written(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = {line.split()[3] for line in proc.stdout.splitlines() if line.startswith("rank ")}
     assert len(losses) == 1 and math.isfinite(float(losses.pop()))       # both ranks, the same loss
+
+
+def test_rlcore_imports_without_the_trainers_extras():
+    """No pydantic, transformers or yaml: `import rlcore` works, and the trainer's config says what to install."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('pydantic', 'transformers', 'yaml'):\n"
+            "    sys.modules[name] = None\n"
+            "import rlcore, torch\n"
+            "assert rlcore.group_advantages(torch.tensor([1.0, 0.0]), 2).shape == (2,)\n"
+            "from rlcore.trainer.config import TrainConfig\n"
+            "try:\n"
+            "    TrainConfig()\n"
+            "except ImportError as e:\n"
+            "    print('ImportError:', e)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ImportError: the trainer's config needs pydantic>=2: pip install 'rlcore[hf]'" in proc.stdout
