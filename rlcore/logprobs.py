@@ -385,7 +385,9 @@ def linear_logprobs(
         entropy = -(softmax(logits) * log_softmax(logits)).sum(-1)
 
     streaming the vocabulary in tiles with an online log-sum-exp, in FP32, so no ``[N, V]`` tensor exists in forward
-    or backward. Differentiable in ``hidden``, ``weight`` and ``bias``, through both outputs.
+    or backward. Differentiable in ``hidden``, ``weight`` and ``bias``, through both outputs, once: a double
+    backward (differentiating the gradient) raises ``RuntimeError``. ``meta`` inputs give ``meta`` outputs of the
+    right shapes (no check that reads values runs).
 
     Args:
         hidden: ``[..., H]`` final hidden states (bf16, fp16, fp32; float64 on the torch backend).
@@ -403,8 +405,9 @@ def linear_logprobs(
             for float64 or when the extension cannot be built), ``"triton"``, ``"torch"`` (chunked PyTorch, any
             device) or ``"cpp"`` (CPU; built on first use, see ``rlcore.cpp``; falls back to ``"torch"`` with a
             one-line notice when it cannot be built).
-        check_targets: raise ``ValueError`` on an id outside ``[0, V)`` that is not ``ignore_index``. This is the
-            op's one host sync; ``False`` skips it (e.g. under CUDA graphs). Unchecked bad ids never read out of
+        check_targets: raise ``ValueError`` on an id outside ``[0, V)`` that is not ``ignore_index``, and on a
+            ``bias`` that is ``-inf`` for every entry (the log-probs would be NaN). This is the op's one host sync;
+            ``False`` skips it (e.g. under CUDA graphs). Unchecked bad ids never read out of
             bounds (the kernels compare ids, they do not index with them) but give meaningless log-probs.
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor parallelism):
             ``weight`` and ``bias`` are this rank's contiguous rows, in group-rank order, of any size; ``hidden`` and
