@@ -189,12 +189,11 @@ def load() -> Optional[ModuleType]:
     return _module
 
 
-@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether ``backend="cpp"`` runs the compiled kernels in this process (builds them on the first call).
 
-    Under ``torch.compile`` it is called once while tracing and its answer is a constant of the graph (the build,
-    its lock and its warning are never traced)."""
+    Not for traced code (it takes a lock, and may build): the op decides where it runs, and
+    ``fused_policy_loss`` does not ask while ``torch.compile`` traces."""
     return load() is not None
 
 

@@ -104,8 +104,11 @@ def fused_policy_loss(
         weight, bias = distributed.local_head(weight, bias, process_group)
     resolved_backend = distributed.agreed(process_group, _check_inputs, hidden, weight, targets, bias, temperature,
                                           ignore_index, precision, backend)
-    if backend == "auto" and resolved_backend == "cpp" and (strategy == "single_pass" or not cpp.available()):
-        resolved_backend = "torch"   # the single pass is chunked PyTorch, which "auto" keeps without the extension
+    # the single pass is chunked PyTorch, which "auto" keeps without the extension. Not asked while torch.compile
+    # traces (cpp.available() takes a lock and may build): the cpp op itself runs the chunked path without it.
+    if backend == "auto" and resolved_backend == "cpp" and (
+            strategy == "single_pass" or (not compiling() and not cpp.available())):
+        resolved_backend = "torch"
     packed = cu_seqlens is not None
     if hidden.dim() != (2 if packed else 3):
         raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] with cu_seqlens (packed), got shape "

@@ -44,20 +44,39 @@ def test_linear_logprobs_traces_with_a_traced_temperature(dynamic):
         torch.testing.assert_close(gw, ew)
 
 
-def test_the_backend_probe_is_a_trace_time_constant(monkeypatch):
-    """``cpp.available()`` (a lock and a possible build inside) inside a fullgraph function: answered once while
-    tracing, no graph break."""
+def test_fused_loss_traces_before_the_compiled_backend_was_first_used(monkeypatch):
+    """backend="auto" on CPU in a process that never used the compiled backend: tracing must not probe it (a lock
+    and a possible build), so fullgraph holds; the op decides where it runs."""
     monkeypatch.setenv("RLCORE_CPP", "0")
     rlcore.cpp._reset()
     try:
         torch._dynamo.reset()
+        h, w, t, mask, adv, old = _batch(6, 0)
+        def auto_step(h, w, t, adv, mask, old):
+            return rlcore.fused_policy_loss(h, w, t, adv, mask, old_logp=old, loss_type="gspo").loss
 
-        def pick(x):
-            return x + 1 if rlcore.cpp.available() else x - 1
-
-        assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(torch.ones(3)), torch.zeros(3))
+        step = torch.compile(auto_step, fullgraph=True, backend="aot_eager")
+        args = (h, w, t, adv, mask, old)
+        got = step(*args)
+        torch.testing.assert_close(got, auto_step(*args))
     finally:
         rlcore.cpp._reset()
+
+
+def test_importing_rlcore_imports_neither_dynamo_nor_triton():
+    """TRITON_INTERPRET must be settable after ``import rlcore`` (rlcore.validate does so): nothing may import
+    triton, or torch._dynamo (which imports it), at import time."""
+    import subprocess
+    import sys
+
+    code = "import sys, rlcore, rlcore.cpp; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def _batch(T: int, seed: int, H: int = 16, V: int = 37):
