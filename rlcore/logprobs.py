@@ -275,10 +275,10 @@ def _check_softcap(softcap, backend: str, device: torch.device, distributed_: bo
     chunked PyTorch path until the Triton kernels take a cap)."""
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a Python float (0 for none), got {type(softcap).__name__}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be finite and >= 0 (0 for none), got {softcap}")
-    if softcap == 0:
+    if softcap == 0:   # first: the default traces under torch.compile without a check
         return backend
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0 for none), got {softcap}")
     if distributed_:
         raise ValueError("softcap does not take a process_group or DTensor head yet; gather the head or drop the cap")
     if backend == "triton":
