@@ -166,11 +166,20 @@ class Head:
 
     def call(self, fn: Callable, hidden: torch.Tensor):
         """``fn(hidden)`` run as the head module's forward, through ``module(hidden)``: its hooks (FSDP unshard,
-        ZeRO-3 gather, accelerate device moves) run around it as for the model's own call."""
+        ZeRO-3 gather, accelerate device moves) run around it as for the model's own call.
+
+        ``fn`` runs with autocast off: rlcore computes the head from the tensors it is given, in FP32 (an autocast
+        context would otherwise round its GEMMs to bf16). Half hidden states under an FP32 head (the backbone under
+        autocast) run with ``precision="fp32"``, the mixed pair ``linear_logprobs`` takes."""
         mod = self.compute_module()
         attr = "_old_forward" if hasattr(mod, "_hf_hook") and hasattr(mod, "_old_forward") else "forward"
         saved = mod.__dict__.get(attr, None)
-        setattr(mod, attr, fn)
+        device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+
+        def no_autocast(h):
+            with torch.autocast(device_type, enabled=False):
+                return fn(h)
+        setattr(mod, attr, no_autocast)
         try:
             return mod(hidden)
         finally:
@@ -182,14 +191,17 @@ class Head:
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                  return_entropy: bool = False, **kwargs):
         """:func:`rlcore.linear_logprobs` of ``targets [...]`` under this head on ``hidden [..., H]`` (the caller
-        shifts by one), at the sampling ``temperature``; other keywords are ``linear_logprobs``'s."""
+        shifts by one), at the sampling ``temperature``; other keywords are ``linear_logprobs``'s. See
+        :meth:`call` for autocast and mixed dtypes."""
         self._no_head_options(kwargs)
         opts = self.kernel_options(temperature)
+        asked = kwargs.pop("precision", "default")
 
         def forward(h):
             w, b = self.weight_and_bias()
+            h, precision = _match_dtypes(h, w, asked)
             return linear_logprobs(h, w, targets.to(h.device), bias=b, return_entropy=return_entropy, **opts,
-                                   **kwargs)
+                                   precision=precision, **kwargs)
         return self.call(forward, hidden)
 
     def policy_loss(self, hidden: torch.Tensor, targets: torch.Tensor, advantages, mask, *,
@@ -197,10 +209,12 @@ class Head:
         """:func:`rlcore.fused_policy_loss` under this head (same arguments, ``weight``/``bias`` from the head)."""
         self._no_head_options(kwargs)
         opts = self.kernel_options(temperature)
+        asked = kwargs.pop("precision", "default")
 
         def forward(h):
             w, b = self.weight_and_bias()
-            return fused_policy_loss(h, w, targets, advantages, mask, bias=b, **opts, **kwargs)
+            h, precision = _match_dtypes(h, w, asked)
+            return fused_policy_loss(h, w, targets, advantages, mask, bias=b, precision=precision, **opts, **kwargs)
         return self.call(forward, hidden)
 
     @staticmethod
@@ -208,6 +222,17 @@ class Head:
         for key in ("weight", "bias", "softcap"):
             if key in kwargs:
                 raise TypeError(f"{key}= comes from the model's head and config; do not pass it")
+
+
+def _match_dtypes(h: torch.Tensor, w: torch.Tensor, precision: str) -> Tuple[torch.Tensor, str]:
+    """``(hidden, precision)`` that ``linear_logprobs`` takes with the head weight ``w``: half hidden states under
+    an FP32 head keep their dtype with ``precision="fp32"``; any other mismatch casts the hidden states to ``w``'s
+    dtype."""
+    if h.dtype == w.dtype:
+        return h, precision
+    if h.dtype in (torch.bfloat16, torch.float16) and w.dtype == torch.float32:
+        return h, "fp32"
+    return h.to(w.dtype), precision
 
 
 def head_of(model: nn.Module) -> Head:
