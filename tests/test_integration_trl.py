@@ -84,7 +84,7 @@ CASES = {
                                 num_iterations=2), True),
     "cispo_iter2": (dict(loss_type="cispo", num_iterations=2, epsilon_high=1.1), False),
     "grpo_sequence_iter2_untied": (dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2,
-                                        epsilon=0.01, epsilon_high=0.02), False),
+                                        learning_rate=2.0), False),
     "grpo_delta_iter2": (dict(loss_type="grpo", delta=1.05, num_iterations=2, epsilon=0.01), True),
 }
 
