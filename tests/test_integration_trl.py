@@ -147,3 +147,13 @@ def test_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(rtrl, "_version", lambda: "0.9.0")
     with pytest.raises(ValueError, match="supports TRL >= 0.17"):
         rtrl.install(object())
+
+
+def test_memory_bench_runs_and_rlcore_is_smaller():
+    """``python -m bench.trl_memory`` at a small size: both heads give the same loss, rlcore's step peaks lower
+    (the committed figure at V = 32k is in ``bench/results/cpu-amd-epyc/trl_memory.json``)."""
+    from bench import trl_memory
+
+    res = trl_memory.measure(vocab=2048, hidden=32, batch=2, prompt=4, completion=60, device="cpu")
+    assert res["loss_rlcore"] == pytest.approx(res["loss_trl"], rel=1e-5, abs=1e-7)
+    assert res["peak_ratio_rlcore_over_trl"] < 1.0, res
