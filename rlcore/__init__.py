@@ -2,8 +2,9 @@
 
 from .logprobs import BACKENDS, PRECISIONS, linear_logprobs
 from .fused import fused_policy_loss
-from .losses import (AGGS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, LOSSES, RATIO_LEVELS, LossSpec, PolicyLossOutput, Terms,
+from .losses import (AGGS, IS_MODES, KL_ESTIMATORS, LOSSES, RATIO_LEVELS, LossSpec, PolicyLossOutput, Terms,
                      policy_loss, register_loss, vstar)
+from .loss_terms import LOSS_TYPES  # registers the built-in losses
 from . import reference
 
 __version__ = "0.1.0"

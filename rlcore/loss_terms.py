@@ -16,7 +16,7 @@ import torch
 
 from .losses import Batch, LossSpec, Opts, Terms, register_loss, vstar
 
-__all__ = ["token_ratio", "sequence_ratio", "ratio_at", "ppo_form"]
+__all__ = ["token_ratio", "sequence_ratio", "ratio_at", "ppo_form", "LOSS_TYPES"]
 
 _LOG_1E8 = math.log(1e-8)
 
@@ -315,7 +315,7 @@ _GSPO = dict(eps_low=3e-4, eps_high=4e-4, dual_clip=None, agg="seq-mean-token-me
 _OLD = ("old_logp",)
 _WHOLE = dict(whole_batch=lambda o: True)
 
-for _spec in (
+_BUILTIN = (
     LossSpec("ppo", _ppo(), defaults=_PPO, needs=_OLD,
              peer="TRL loss_type='bnpo' (token-mean); verl 'vanilla'; with dual_clip=c, TRL delta=c and verl "
                   "clip_ratio_c=c"),
@@ -362,5 +362,8 @@ for _spec in (
              batch_constants=_group_baseline("kimi"), anchor="old_logp", peer="Kimi k1.5 (tau = beta2)"),
     LossSpec("rebel", _rebel, family="regression", unit="pair", defaults=dict(eta=1.0),
              needs=("rewards", "old_logp"), batch_constants=_pairs, anchor="old_logp", peer="REBEL, arXiv 2404.16767"),
-):
+)
+for _spec in _BUILTIN:
     register_loss(_spec)
+
+LOSS_TYPES = tuple(_spec.name for _spec in _BUILTIN)     # the built-in losses, in registry order

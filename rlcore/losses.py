@@ -5,7 +5,8 @@ The math is in ``docs/losses.md`` (the project's own statement of every loss, op
 **The registry.** ``LOSSES`` maps each ``loss_type`` to a :class:`LossSpec`: its family, its unit (token, sequence
 or pair), the options it takes and their defaults, the inputs it needs, its batch-wide constants (group baselines),
 and ``terms``: the function that turns a prepared :class:`Batch` into per-token or per-unit loss terms and metrics.
-The built-in entries live in ``rlcore/loss_terms.py``; :func:`register_loss` adds a user's own.
+The built-in entries live in ``rlcore/loss_terms.py`` (registered when ``rlcore`` is imported); :func:`register_loss`
+adds a user's own.
 
 **The driver.** :func:`policy_loss` runs every loss in the same steps:
 
@@ -39,7 +40,7 @@ import torch
 
 __all__ = [
     "policy_loss", "vstar", "PolicyLossOutput", "LossSpec", "Terms", "Batch", "Option", "LOSSES", "OPTIONS",
-    "register_loss", "prepare", "evaluate", "LOSS_TYPES", "AGGS", "IS_MODES", "KL_ESTIMATORS", "RATIO_LEVELS",
+    "register_loss", "prepare", "evaluate", "AGGS", "IS_MODES", "KL_ESTIMATORS", "RATIO_LEVELS",
     "DEFAULT",
 ]
 
@@ -770,14 +771,17 @@ def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=No
 def _norms(valid, n_seq, nonempty, layout, cdt, o: Opts, spec: LossSpec) -> Norms:
     dev = valid.device
 
+    def scalar(x):            # a fill, not a host-to-device copy
+        return torch.full((), float(x), dtype=cdt, device=dev) if not isinstance(x, torch.Tensor) else x.to(cdt)
+
     def given(x, fallback):
-        return fallback if x is None else torch.as_tensor(x, dtype=cdt, device=dev)
+        return fallback if x is None else scalar(x)
 
     num_seqs = given(o.num_seqs, nonempty.sum().to(cdt))
     pairs = (n_seq.view(-1, 2).sum(-1) > 0).sum().to(cdt) if spec.unit == "pair" and layout.B % 2 == 0 \
         else nonempty.sum().to(cdt)
     return Norms(num_tokens=given(o.num_tokens, valid.sum().to(cdt)), num_seqs=num_seqs, num_pairs=pairs,
-                 batch=given(o.num_seqs, torch.tensor(float(layout.B), dtype=cdt, device=dev)))
+                 batch=given(o.num_seqs, scalar(layout.B)))
 
 
 def _is_weights(delta, valid, layout, o: Opts):
@@ -971,7 +975,3 @@ def policy_loss(
                     rewards=rewards, baseline=baseline, check_inputs=check_inputs)
     return evaluate(spec, batch, opts)
 
-
-from . import loss_terms  # noqa: E402,F401  (registers the built-in losses)
-
-LOSS_TYPES = tuple(_REGISTRY)

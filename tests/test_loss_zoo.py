@@ -232,9 +232,15 @@ def test_compiles_fullgraph(loss_type, kw, packed):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist on CUDA")
-@pytest.mark.parametrize("loss_type,kw", [("clip_cov", {}), ("kl_cov", {}), ("ppo", dict(top_entropy_quantile=0.2))])
-def test_no_host_sync(loss_type, kw):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("loss_type,kw", [("clip_cov", {}), ("kl_cov", {}), ("ppo", dict(top_entropy_quantile=0.2)),
+                                          ("sapo", dict(off_policy_mask=0.1, num_seqs=4)), ("gmpo", {}),
+                                          ("vespo", {})])
+def test_no_host_sync(loss_type, kw, packed):
     lp, old, adv, mask = (x.cuda() for x in _tensors(6))
+    if packed:
+        lp, old, mask = lp.reshape(-1), old.reshape(-1), mask.reshape(-1)
+        kw = dict(kw, cu_seqlens=torch.arange(5, device="cuda", dtype=torch.int32) * 6)
     lp = lp.detach().requires_grad_()
     ent = torch.rand(lp.shape, device="cuda", dtype=F64)
     torch.cuda.synchronize()
