@@ -97,3 +97,16 @@ def test_unsupported_settings_raise_naming_them():
         PolicyLoss(is_correction_level="token")(lp, old, adv, mask)
     with pytest.raises(ValueError, match="one advantage per sequence"):
         PolicyLoss(policy_loss_type="gspo")(lp, old, adv + torch.randn_like(adv), mask)
+
+
+def test_patch_swaps_the_class_openrlhf_imported():
+    _theirs()
+    from rlcore.integrations import openrlhf as ours
+
+    mod = importlib.import_module("openrlhf.models.loss")
+    saved = mod.PolicyLoss
+    try:
+        ours.patch()
+        assert mod.PolicyLoss is ours.PolicyLoss
+    finally:
+        mod.PolicyLoss = saved

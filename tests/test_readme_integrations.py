@@ -61,3 +61,11 @@ def test_verl_block():
     scope: dict = {}
     exec(block("rlcore.integrations.verl"), scope)
     assert scope["loss_fn"].__name__ == "rlcore_gspo"
+
+
+def test_openrlhf_block():
+    scope: dict = {}
+    exec(block("rlcore.integrations.openrlhf import PolicyLoss"), scope)
+    from rlcore.integrations import openrlhf
+
+    assert isinstance(scope["loss_fn"], openrlhf.PolicyLoss) and scope["loss_fn"].dual_clip == 3.0

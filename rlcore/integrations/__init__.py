@@ -5,6 +5,8 @@ never imports them):
   losses from its hidden states, inside the head module's own call.
 - ``rlcore.integrations.verl``: importing it registers every rlcore loss in verl's policy-loss registry as
   ``"rlcore_" + loss_type``.
+- ``rlcore.integrations.trl``: ``install(trainer, loss=False)`` for TRL's ``GRPOTrainer``.
+- ``rlcore.integrations.openrlhf``: ``PolicyLoss``, a drop-in for OpenRLHF's.
 """
 
 __all__: list = []
