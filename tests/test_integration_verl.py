@@ -149,3 +149,42 @@ def test_loads_through_verls_external_module_hook():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'rlcore_gspo'" in out.stdout and "'rlcore_ppo'" in out.stdout, out.stdout
+
+
+def _tiny_qwen2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def test_rlcore_impl_backend_equals_verls_torch_backend_on_a_packed_batch():
+    """``impl_backend="rlcore"`` through verl's own ``patch_forward_with_backends``: log-probs, entropies and every
+    parameter gradient equal verl's ``"torch"`` backend on a packed ``[1, nnz]`` batch (two sequences, position ids
+    restarting, as verl's remove-padding path feeds it)."""
+    from verl.models.transformers import monkey_patch
+
+    ids = torch.randint(0, 80, (1, 13))
+    pos = torch.cat([torch.arange(6), torch.arange(7)])[None]
+    results = []
+    for backend in ("torch", "rlcore"):
+        model = _tiny_qwen2()
+        cls = type(model)
+        saved = cls.forward
+        try:
+            monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=backend)
+            assert model._verl_fused_kernels_backend == backend
+            assert (cls.forward is rv.forward_with_rlcore_backend) == (backend == "rlcore")
+            out = model(input_ids=ids, position_ids=pos, temperature=0.8, return_dict=True, use_cache=False)
+            g1, g2 = torch.linspace(-1, 1, 13)[None], torch.linspace(1, 0, 13)[None]
+            grads = torch.autograd.grad((out.log_probs * g1 + out.entropy * g2).sum(), list(model.parameters()))
+            results.append((out.log_probs.detach(), out.entropy.detach(), grads))
+        finally:
+            cls.forward = saved
+    (lp_t, ent_t, g_t), (lp_r, ent_r, g_r) = results
+    assert lp_r.shape == (1, 13)
+    torch.testing.assert_close(lp_r, lp_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent_r, ent_t, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_r, g_t):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

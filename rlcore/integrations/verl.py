@@ -21,6 +21,10 @@ config, rollout_is_weights) -> (loss, metrics)`` and verl's normalisation:
 - ``gspo`` takes one advantage per sequence: verl's per-token advantages must be constant over each sequence's
   response tokens (they are for GRPO-style estimators), else ``ValueError``; ``rlcore_gspo_token`` takes any.
 
+The fused log-prob path: importing this module also adds ``actor_rollout_ref.model.fused_kernel_options.impl_backend=
+rlcore`` (with ``use_fused_kernels=True``) to ``patch_forward_with_backends``: the model's forward then computes the
+packed ``[1, nnz]`` log-probs and entropies through rlcore's head (:func:`forward_with_rlcore_backend`).
+
 Not registered: the regression family (``apo``, ``oapl``, ``kimi``, ``rebel``), which needs rewards and baselines that
 verl's policy-loss signature does not carry. :func:`register` adds a loss under another name with fixed options.
 """
@@ -34,7 +38,7 @@ import torch
 from .. import LOSSES
 from ..losses import policy_loss
 
-__all__ = ["register", "registered", "loss_options", "PREFIX"]
+__all__ = ["register", "registered", "loss_options", "forward_with_rlcore_backend", "PREFIX", "BACKEND"]
 
 PREFIX = "rlcore_"
 _DUAL_CLIP = ("ppo", "dapo", "dr_grpo")      # the losses verl's "vanilla" (always dual-clipped) corresponds to
@@ -164,4 +168,65 @@ def _register_all() -> None:
             register(PREFIX + loss_type, loss_type)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# the fused log-prob path: fused_kernel_options.impl_backend=rlcore
+# ----------------------------------------------------------------------------------------------------------------------
+
+BACKEND = "rlcore"
+
+
+def forward_with_rlcore_backend(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                                output_hidden_states=None, return_dict=None, cache_position=None, logits_to_keep=0,
+                                temperature: float = 1.0, shift_labels=None, **loss_kwargs):
+    """verl's fused-kernel forward (the signature and output of ``forward_with_torch_backend``: per-position
+    ``log_probs`` and ``entropy`` of the rolled labels, ``[1, nnz]`` on verl's packed inputs), by rlcore's head
+    (``rlcore.integrations.hf``: the model's scale and soft cap, inside the head module's call)."""
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+
+    from . import hf
+
+    if return_dict is False:
+        raise NotImplementedError("the rlcore backend returns a dict (CausalLMOutputForPPO)")
+    outputs = forward_base_model(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                 cache_position=cache_position)
+    if shift_labels is not None:
+        rolled = shift_labels
+    elif labels is not None:
+        rolled = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        rolled = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise ValueError("the rlcore backend needs labels, shift_labels or input_ids")
+    log_probs, entropy = hf.head_of(self).logprobs(outputs[0], rolled, temperature=temperature, return_entropy=True)
+    return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
+                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def _add_backend() -> None:
+    """Teach ``verl.models.transformers.monkey_patch.patch_forward_with_backends`` the ``"rlcore"`` backend (text
+    models; the others keep verl's own choice)."""
+    from verl.models.transformers import monkey_patch
+
+    original = monkey_patch.patch_forward_with_backends
+    if getattr(original, "_rlcore", False):
+        return
+
+    def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: str = None):
+        if use_fused_kernels and fused_kernels_backend == BACKEND:
+            from . import hf
+
+            hf.head_of(model)                     # raises on a head rlcore cannot reproduce
+            model._verl_fused_kernels_backend = BACKEND
+            model.__class__.forward = forward_with_rlcore_backend
+            return None
+        return original(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
+
+    patch_forward_with_backends._rlcore = True
+    monkey_patch.patch_forward_with_backends = patch_forward_with_backends
+
+
 _register_all()
+_add_backend()
