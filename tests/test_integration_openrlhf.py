@@ -110,3 +110,65 @@ def test_patch_swaps_the_class_openrlhf_imported():
         assert mod.PolicyLoss is ours.PolicyLoss
     finally:
         mod.PolicyLoss = saved
+        actor = sys.modules.get("openrlhf.models.actor")
+        if actor is not None and hasattr(actor.Actor, "_rlcore_original_forward"):
+            actor.Actor.forward = actor.Actor._rlcore_original_forward
+            del actor.Actor._rlcore_original_forward
+
+
+def _actor_module():
+    """OpenRLHF's ``models/actor.py``, imported with flash-attn's two padding/gather modules stubbed: the unpacked
+    path tested here never calls them (they serve packed samples and ring attention only)."""
+    _theirs()
+    pytest.importorskip("peft")
+    for name, attrs in (("flash_attn", {}), ("flash_attn.bert_padding", dict(index_first_axis=None, pad_input=None,
+                                                                             rearrange=None, unpad_input=None)),
+                        ("flash_attn.utils", {}), ("flash_attn.utils.distributed", dict(all_gather=None))):
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            mod.__path__ = []
+            mod.__dict__.update(attrs)
+            sys.modules[name] = mod
+    return importlib.import_module("openrlhf.models.actor")
+
+
+def test_patched_actor_forward_equals_the_original_on_an_unpacked_batch():
+    actor_mod = _actor_module()
+    transformers = pytest.importorskip("transformers")
+    from rlcore.integrations import openrlhf as ours
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=90, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
+    actor = actor_mod.Actor(lm, temperature=0.8)
+    actor.packing_samples = False         # OpenRLHF sets it only when it loads the model from a path
+    seqs = torch.randint(1, 90, (3, 12))
+    am = torch.ones_like(seqs)
+    am[0, :3] = 0                                             # left padding
+    action_mask = torch.ones(3, 5)
+    action_mask[2, 3:] = 0
+    Actor = actor_mod.Actor
+    runs = []
+    for patched in (False, True):
+        if patched:
+            ours.patch()
+            assert Actor.forward is ours.actor_forward
+        try:
+            lp, out = actor(seqs, action_mask=action_mask, attention_mask=am, return_output=True,
+                            return_entropy=True)
+            full = actor(seqs, attention_mask=am, return_logprobs=True)
+            g = torch.autograd.grad((lp * torch.linspace(-1, 1, 5)).sum() + out.entropy.sum(), list(lm.parameters()))
+            runs.append((lp.detach(), out.entropy.detach(), full.detach(), g, out.logits))
+        finally:
+            if patched:
+                Actor.forward = Actor._rlcore_original_forward
+                del Actor._rlcore_original_forward
+    (lp0, e0, f0, g0, logits0), (lp1, e1, f1, g1, logits1) = runs
+    assert logits0 is not None and logits1 is None           # the patched forward never formed the logits
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f1, f0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -17,9 +17,11 @@ Mapping onto :func:`rlcore.policy_loss`:
   ``binary_kl`` / ``tv`` gates) have no exact rlcore equivalent: the constructor raises ``ValueError`` naming the
   setting (use OpenRLHF's own class for those).
 
-In a Ray job, the workers import OpenRLHF's class themselves; install the drop-in there with
+``actor_forward`` is OpenRLHF's ``Actor.forward`` without the ``[B, T, V]`` logits (unpacked text batches).
+
+In a Ray job, the workers import OpenRLHF's classes themselves; install both there with
 ``ray.init(runtime_env={"worker_process_setup_hook": "rlcore.integrations.openrlhf.patch"})``: :func:`patch`
-replaces ``openrlhf.models.PolicyLoss`` (and the name the actor module imported) in that process.
+replaces ``openrlhf.models.PolicyLoss`` (and the name the PPO actor imported) and ``Actor.forward`` in that process.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 
 from ..losses import policy_loss
 
-__all__ = ["PolicyLoss", "patch"]
+__all__ = ["PolicyLoss", "actor_forward", "patch"]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -131,14 +133,56 @@ def _per_sequence(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return adv
 
 
+def actor_forward(self, sequences: torch.LongTensor, action_mask: Optional[torch.Tensor] = None,
+                  attention_mask: Optional[torch.Tensor] = None, return_output: bool = False,
+                  allgather_logits: bool = False, return_logprobs: bool = False, ring_attn_group=None,
+                  packed_seq_lens=None, return_entropy: bool = False, **mm_inputs):
+    """OpenRLHF's ``Actor.forward`` (same arguments and returns) with the log-probs and entropies from rlcore's head on
+    the backbone's hidden states: no ``[B, T, V]`` logits (the returned ``output`` has ``logits=None``). Packed
+    samples, vision-language inputs and calls that ask for the logits themselves run OpenRLHF's original forward."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from . import hf
+
+    original = type(self)._rlcore_original_forward
+    wants_logits = action_mask is None and not return_logprobs
+    if getattr(self, "packing_samples", False) or getattr(self, "is_vlm", False) or mm_inputs or wants_logits:
+        return original(self, sequences, action_mask=action_mask, attention_mask=attention_mask,
+                        return_output=return_output, allgather_logits=allgather_logits,
+                        return_logprobs=return_logprobs, ring_attn_group=ring_attn_group,
+                        packed_seq_lens=packed_seq_lens, return_entropy=return_entropy, **mm_inputs)
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    hidden = hf.hidden_states(self.model, sequences, attention_mask=attention_mask, position_ids=position_ids)
+    rolled = torch.roll(sequences, shifts=-1, dims=1)
+    out = hf.head_of(self.model).logprobs(hidden, rolled, temperature=float(self.temperature),
+                                          return_entropy=return_entropy)
+    log_probs, entropy = out if return_entropy else (out, None)
+    output = CausalLMOutputWithPast(logits=None)
+    if return_entropy:
+        assert return_output
+        output.entropy = entropy[:, :-1]
+    log_probs = log_probs[:, :-1]
+    if action_mask is None:
+        return (log_probs, output) if return_output else log_probs
+    action_log_probs = log_probs[:, -action_mask.shape[1]:] * action_mask.float()
+    return (action_log_probs, output) if return_output else action_log_probs
+
+
 def patch() -> None:
-    """Replace OpenRLHF's ``PolicyLoss`` with this drop-in in the current process (a Ray worker's setup hook)."""
+    """In the current process (a Ray worker's setup hook): replace OpenRLHF's ``PolicyLoss`` with this drop-in and
+    ``Actor.forward`` with :func:`actor_forward`."""
     import importlib
 
-    for name in ("openrlhf.models", "openrlhf.models.loss", "openrlhf.trainer.ray.ppo_actor"):   # 0.11.2's users
+    for name in ("openrlhf.models", "openrlhf.models.loss", "openrlhf.trainer.ray.ppo_actor",   # 0.11.2's users
+                 "openrlhf.models.actor"):
         try:
             mod = importlib.import_module(name)
         except ImportError:
             continue
         if hasattr(mod, "PolicyLoss"):
             mod.PolicyLoss = PolicyLoss
+        actor = getattr(mod, "Actor", None)
+        if actor is not None and not hasattr(actor, "_rlcore_original_forward"):
+            actor._rlcore_original_forward = actor.forward
+            actor.forward = actor_forward
