@@ -277,3 +277,28 @@ def test_bad_heads_raise_naming_what_was_looked_for():
                                                                           backend="triton")
     with pytest.raises(ValueError, match="no backbone"):
         hf.hidden_states(NotALM(), input_ids=torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_a_dtensor_head_is_gathered_not_read_as_vocab_parallel(tmp_path):
+    """A head weight still sharded as a DTensor (FSDP2 outside its unshard) is gathered differentiably: the result
+    is the whole head's, its gradient reaches the DTensor parameter."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        lin = nn.Linear(H, V, bias=False)
+        w = lin.weight.detach().clone()
+        lin.weight = nn.Parameter(distribute_tensor(w, mesh, [Shard(0)]))
+        head = hf.Head(model=None, module=lin)
+        h, t = torch.randn(5, H), torch.randint(0, V, (5,))
+        lp = head.logprobs(h, t)
+        torch.testing.assert_close(lp, (h @ w.T).log_softmax(-1).gather(1, t[:, None]).squeeze(1), rtol=1e-5,
+                                   atol=1e-6)
+        lp.sum().backward()
+        assert lin.weight.grad is not None and lin.weight.grad.shape == (V, H)
+    finally:
+        dist.destroy_process_group()

@@ -19,7 +19,10 @@ own forward does to the head's output. ``head_of`` reads that once from the mode
 The fused computation runs **inside the head module's own call** (``module(hidden)`` with its forward swapped for the
 call's duration), so hooks on that module run as for the model's own forward: FSDP / FSDP2 unshard its weight and
 reshard it after, DeepSpeed ZeRO-3 gathers it, accelerate moves the inputs to its device (with an accelerate hook the
-hooked ``_old_forward`` is swapped instead).
+hooked ``_old_forward`` is swapped instead). A weight still sharded as a DTensor when read is gathered
+(``full_tensor()``, differentiably), never taken as rlcore's vocabulary-parallel head: FSDP's ranks hold different
+data. Under ZeRO-3, a LoRA-wrapped head's adapter weights live in submodules whose own hooks this call does not run;
+gather them (``deepspeed.zero.GatheredParameters``) or leave the head out of ``target_modules``.
 
 Example::
 
@@ -37,6 +40,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from ..distributed import is_dtensor
 from ..fused import fused_policy_loss
 from ..logprobs import linear_logprobs
 
@@ -151,10 +155,11 @@ class Head:
         parts = _lora_parts(mod)
         base = mod.base_layer if parts is not None else mod
         w, b = base.weight, base.bias
+        w, b = _full(w), _full(b)
         for a, bm, scaling, lora_bias in parts or ():
-            w = w + (bm @ a).to(w.dtype) * scaling
+            w = w + (_full(bm) @ _full(a)).to(w.dtype) * scaling
             if lora_bias is not None:
-                b = lora_bias * scaling if b is None else b + lora_bias * scaling
+                b = _full(lora_bias) * scaling if b is None else b + _full(lora_bias) * scaling
         return w, b
 
     def kernel_options(self, temperature: float = 1.0) -> dict:
@@ -222,6 +227,12 @@ class Head:
         for key in ("weight", "bias", "softcap"):
             if key in kwargs:
                 raise TypeError(f"{key}= comes from the model's head and config; do not pass it")
+
+
+def _full(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A DTensor parameter (FSDP2 outside its unshard, or a tensor-parallel plan) gathered, differentiably: the data
+    may differ across the mesh (FSDP), so it is never read as rlcore's vocabulary-parallel head."""
+    return x.full_tensor() if is_dtensor(x) else x
 
 
 def _match_dtypes(h: torch.Tensor, w: torch.Tensor, precision: str) -> Tuple[torch.Tensor, str]:
