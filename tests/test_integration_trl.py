@@ -43,7 +43,7 @@ def reward(completions, **_):
     return [float(c.count("a") + 0.5 * c.count("e") - 0.1 * len(c)) for c in completions]
 
 
-def run(tmp_path, settings, tied=True, install=None, steps=3):
+def run(tmp_path, settings, tied=True, install=None, steps=3, peft_config=None):
     """``(logged losses, parameters)`` after ``steps`` SGD steps; ``install``: None or ``install``'s keywords.
     FP32 throughout (``bf16=False``; TRL's default runs the CPU backbone and TRL's head under bf16 autocast)."""
     kw = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=6, max_steps=steps,
@@ -57,7 +57,7 @@ def run(tmp_path, settings, tied=True, install=None, steps=3):
     if not path.exists():
         model(tied).save_pretrained(path)
     trainer = trl.GRPOTrainer(model=str(path), reward_funcs=reward, args=args, train_dataset=ds,
-                              processing_class=tokenizer())
+                              processing_class=tokenizer(), peft_config=peft_config)
     if install is not None:
         assert rtrl.install(trainer, **install) is trainer
     trainer.train()
@@ -102,6 +102,17 @@ def test_head_only_both_seams(tmp_path, seam):
     settings = dict(loss_type="dapo", num_iterations=2, beta=0.1)
     theirs = run(tmp_path, settings, tied=False)
     ours = run(tmp_path, settings, tied=False, install=dict(loss=False, seam=seam))
+    assert_same(ours, theirs)
+
+
+def test_peft_lora_policy(tmp_path):
+    """A LoRA policy (TRL wraps the model with PEFT; the head is found through the wrapper)."""
+    peft = pytest.importorskip("peft")
+    cfg = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    settings = dict(loss_type="dapo", num_iterations=2, learning_rate=2.0)
+    theirs = run(tmp_path, settings, peft_config=cfg())
+    ours = run(tmp_path, settings, install=dict(loss=True), peft_config=cfg())
+    assert any("lora" in n for n in theirs[1])
     assert_same(ours, theirs)
 
 
