@@ -1,7 +1,8 @@
 // The compiled CPU backend of rlcore::linear_logprobs (forward) and rlcore::linear_logprobs_backward.
 //
 // Same math as rlcore/chunked.py and the Triton kernels: per-token log-probs, raw entropy and their gradients from
-// hidden states h [N, H] and the head W [V, H], with logits z = (h W^T + b) / T that never exist as an [N, V] tensor.
+// hidden states h [N, H] and the head W [V, H], with logits z = cap(h W^T + b) / T that never exist as an [N, V]
+// tensor; cap(a) = c tanh(a / c) with a soft cap c > 0 (Gemma 2/3), the identity with c = 0.
 //
 // Layout of the work. Both passes walk the vocabulary in tiles of Vt entries (outer loop) and the rows in tiles of R
 // (inner loop). Each step is one GEMM that writes the logit tile transposed, zT [Vt, R] = W_t h_r^T (vocabulary-major:
@@ -45,6 +46,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -117,6 +119,7 @@ struct Tile {
   int64_t v0;           // first vocabulary id of the tile
   const float* bias;    // [V] FP32, or nullptr
   float inv_temp;
+  float softcap;        // c of cap(a) = c tanh(a / c); 0: no cap
 };
 
 inline Vec load(const float* p, int64_t n) { return n == kLanes ? Vec::loadu(p) : Vec::loadu(p, n); }
@@ -129,21 +132,39 @@ inline void store(const Vec& x, float* p, int64_t n) {
 }
 inline Vec clamp_exp_arg(const Vec& x) { return at::vec::maximum(x, Vec(kMinExpArg)); }
 
-// The logit of vocabulary row j of the tile for lanes [c, c + n): (acc + b) / T, in the same FP32 operations as the
-// scalar gather below, so the target logit equals the one folded into the log-sum-exp.
-inline Vec logit(const Tile& t, int64_t j, int64_t c, int64_t n) {
+// The logit of vocabulary row j of the tile for lanes [c, c + n): cap(acc + b) / T. With a cap, `slope` (when not
+// null) receives d cap(a) / d a = 1 - tanh(a / c)^2.
+inline Vec logit(const Tile& t, int64_t j, int64_t c, int64_t n, Vec* slope = nullptr) {
   Vec x = load(t.z + j * t.ld + c, n);
   if (t.bias != nullptr) {
     x = x + Vec(t.bias[t.v0 + j]);
   }
+  if (t.softcap > 0.0f) {
+    const Vec th = (x / Vec(t.softcap)).tanh();
+    if (slope != nullptr) {
+      *slope = Vec(1.0f) - th * th;
+    }
+    x = th * Vec(t.softcap);
+  }
   return x * Vec(t.inv_temp);
 }
+// One lane of `logit`, through the same vector operations, so the target logit equals the one folded into the
+// log-sum-exp bit for bit (a scalar tanh need not round like the vector one).
 inline float logit_scalar(const Tile& t, int64_t j, int64_t c) {
-  float x = t.z[j * t.ld + c];
-  if (t.bias != nullptr) {
-    x = x + t.bias[t.v0 + j];
+  float out[kLanes];
+  logit(t, j, c, 1).store(out, 1);
+  return out[0];
+}
+// The slope of the cap at row j, lane c (1 without a cap): what the target's [v = t] term of dz is multiplied by.
+inline float slope_scalar(const Tile& t, int64_t j, int64_t c) {
+  if (t.softcap <= 0.0f) {
+    return 1.0f;
   }
-  return x * t.inv_temp;
+  Vec slope(1.0f);
+  logit(t, j, c, 1, &slope);
+  float out[kLanes];
+  slope.store(out, 1);
+  return out[0];
 }
 
 // Running per-position sums of the forward, compensated (Kahan): a plain FP32 sum over a 32k vocabulary loses
@@ -213,15 +234,20 @@ void fold_range(const Tile& t, int64_t c0, int64_t c1, const RunningSums& r) {
 
 // Backward epilogue: overwrite positions [c0, c1) of the tile with dz^T, where per position (log p = z - lse):
 //   dz = (g_lp ([v = t] - p) - g_ent p (log p + ent)) / T = p (c1 + c2 log p) + [v = t] g_lp / T,
-//   c1 = -(g_lp + g_ent ent) / T,  c2 = -g_ent / T   (both 0 on ignored positions: their dz is exactly 0).
-// The [v = t] term is added by the caller.
+//   c1 = -(g_lp + g_ent ent) / T,  c2 = -g_ent / T   (both 0 on ignored positions: their dz is exactly 0),
+// times the cap's slope with a soft cap. The [v = t] term is added by the caller.
 void dz_range(const Tile& t, int64_t c0, int64_t c1, const float* lse_p, const float* c1_p, const float* c2_p) {
   for (int64_t j = 0; j < t.vt; ++j) {
     for (int64_t c = c0; c < c1; c += kLanes) {
       const int64_t n = std::min(kLanes, c1 - c);
-      const Vec lp = clamp_exp_arg(logit(t, j, c, n) - load(lse_p + c, n));
+      Vec slope(1.0f);
+      const Vec lp = clamp_exp_arg(logit(t, j, c, n, &slope) - load(lse_p + c, n));
       const Vec p = lp.exp();
-      store(p * at::vec::fmadd(load(c2_p + c, n), lp, load(c1_p + c, n)), t.z + j * t.ld + c, n);
+      Vec dz = p * at::vec::fmadd(load(c2_p + c, n), lp, load(c1_p + c, n));
+      if (t.softcap > 0.0f) {
+        dz = dz * slope;
+      }
+      store(dz, t.z + j * t.ld + c, n);
     }
   }
 }
@@ -271,7 +297,7 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std:
 // outside [0, V) matches no tile: its logit stays 0 (the caller masks ignored positions).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double inv_temp, int64_t tile_rows, int64_t tile_vocab, bool onednn) {
+    const at::Tensor& targets, double inv_temp, int64_t tile_rows, int64_t tile_vocab, bool onednn, double softcap) {
   check_inputs(hidden, weight, bias, targets, tile_rows, tile_vocab);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -294,7 +320,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
       const int64_t rows = std::min(tile_rows, N - r0);
       at::Tensor zT = mm_nt(w, h.narrow(0, r0, rows), onednn);   // [vt, rows]
       TORCH_INTERNAL_ASSERT(zT.is_contiguous() && zT.scalar_type() == at::kFloat);
-      const Tile tile{zT.data_ptr<float>(), rows, vt, rows, v0, b_p, static_cast<float>(inv_temp)};
+      const Tile tile{zT.data_ptr<float>(), rows, vt, rows, v0, b_p, static_cast<float>(inv_temp),
+                      static_cast<float>(softcap)};
       parallel_over_positions(rows, [&](int64_t c0, int64_t c1) {
         fold_range(tile, c0, c1, RunningSums{base + r0, base + N + r0, base + 2 * N + r0, base + 3 * N + r0,
                                              base + 4 * N + r0});
@@ -323,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
     const at::Tensor& lse, const at::Tensor& entropy, double inv_temp, int64_t ignore_index, bool compute_dh,
-    bool compute_dw, bool compute_db, int64_t tile_rows, int64_t tile_vocab, bool onednn) {
+    bool compute_dw, bool compute_db, int64_t tile_rows, int64_t tile_vocab, bool onednn, double softcap) {
   check_inputs(hidden, weight, bias, targets, tile_rows, tile_vocab);
   const int64_t N_all = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   compute_db = compute_db && bias.has_value();
@@ -378,13 +405,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
       const at::Tensor h_r = h.narrow(0, r0, rows);
       at::Tensor dzT = mm_nt(w, h_r, onednn);                        // logits^T [vt, rows], then dz^T in place
       TORCH_INTERNAL_ASSERT(dzT.is_contiguous() && dzT.scalar_type() == at::kFloat);
-      const Tile tile{dzT.data_ptr<float>(), rows, vt, rows, v0, b_p, static_cast<float>(inv_temp)};
+      const Tile tile{dzT.data_ptr<float>(), rows, vt, rows, v0, b_p, static_cast<float>(inv_temp),
+                      static_cast<float>(softcap)};
       parallel_over_positions(rows, [&](int64_t c0, int64_t c1) {
+        // the cap's slope at each target (read before dz_range overwrites the logits), 1 without a cap
+        std::vector<float> target_slope(tile.softcap > 0.0f ? c1 - c0 : 0, 1.0f);
+        for (int64_t i = c0; i < c1 && tile.softcap > 0.0f; ++i) {
+          const int64_t j = t_p[r0 + i] - v0;
+          if (j >= 0 && j < vt) {
+            target_slope[i - c0] = slope_scalar(tile, j, i);
+          }
+        }
         dz_range(tile, c0, c1, lse_p + r0, c1_p + r0, c2_p + r0);
         for (int64_t i = c0; i < c1; ++i) {
           const int64_t j = t_p[r0 + i] - v0;
           if (j >= 0 && j < vt) {
-            tile.z[j * tile.ld + i] += gt_p[r0 + i];
+            tile.z[j * tile.ld + i] += tile.softcap > 0.0f ? gt_p[r0 + i] * target_slope[i - c0] : gt_p[r0 + i];
           }
         }
       });
@@ -418,12 +454,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlcore's compiled CPU backend of linear_logprobs (ATen + OpenMP, oneDNN GEMMs when available)";
   m.def("linear_logprobs_fwd", &linear_logprobs_fwd, "(lse, raw entropy, target logit) in FP32",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("inv_temp"),
-        py::arg("tile_rows"), py::arg("tile_vocab"), py::arg("onednn"), py::call_guard<py::gil_scoped_release>());
+        py::arg("tile_rows"), py::arg("tile_vocab"), py::arg("onednn"), py::arg("softcap") = 0.0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("linear_logprobs_bwd", &linear_logprobs_bwd, "(dh, dW, db) in the inputs' dtypes",
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("hidden"), py::arg("weight"), py::arg("bias"),
         py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("inv_temp"), py::arg("ignore_index"),
         py::arg("compute_dh"), py::arg("compute_dw"), py::arg("compute_db"), py::arg("tile_rows"),
-        py::arg("tile_vocab"), py::arg("onednn"), py::call_guard<py::gil_scoped_release>());
+        py::arg("tile_vocab"), py::arg("onednn"), py::arg("softcap") = 0.0, py::call_guard<py::gil_scoped_release>());
   m.def("onednn_available", &onednn_available, "whether torch's oneDNN linear op is registered for CPU");
   m.attr("vector_isa") = RLCORE_VEC_ISA;
 }

@@ -31,19 +31,36 @@ def _rows_per_chunk(V: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(V, 1))
 
 
-def _logits(h_c, w, b, inv_temp: float):
+def _logits(h_c, w, b, inv_temp: float, softcap: float = 0.0):
+    """``[C, V]`` logits ``cap(h_c w^T + b) / T``, with ``cap(a) = softcap tanh(a / softcap)`` when ``softcap > 0``."""
     z = h_c @ w.T                          # [C, V]
     if b is not None:
         z += b
+    if softcap > 0:
+        z.div_(softcap).tanh_().mul_(softcap)
     return z.mul_(inv_temp)
+
+
+def _capped_logits(h_c, w, b, inv_temp: float, softcap: float):
+    """``(logits, slope)``: the logits of ``_logits`` and, with ``softcap > 0``, ``d cap(a) / d a = 1 - tanh(a /
+    softcap)^2`` (a second ``[C, V]`` block; ``None`` without a cap)."""
+    if softcap <= 0:
+        return _logits(h_c, w, b, inv_temp), None
+    z = h_c @ w.T
+    if b is not None:
+        z += b
+    t = z.div_(softcap).tanh_()
+    slope = t.mul(t).neg_().add_(1.0)
+    return t.mul_(softcap).mul_(inv_temp), slope
 
 
 def _cast(x, dtype):
     return None if x is None else x.to(dtype)
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float):
-    """``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated).
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, softcap: float = 0.0):
+    """``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated); ``softcap > 0``
+    caps the logits at ``softcap tanh(. / softcap)`` before the temperature (Gemma 2/3).
 
     Returns ``(lse, ent, z_target)``, each ``[N]`` in the compute dtype.
     """
@@ -56,7 +73,7 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float):
     safe_t = targets.long().clamp(0, weight.shape[0] - 1)        # ignored ids are masked by the caller
     step = _rows_per_chunk(weight.shape[0])
     for s in range(0, N, step):
-        z = _logits(hidden[s:s + step].to(cdt), w, b, inv_temp)  # [C, V]
+        z = _logits(hidden[s:s + step].to(cdt), w, b, inv_temp, softcap)  # [C, V]
         lse_c = torch.logsumexp(z, dim=-1)                       # [C]
         zt[s:s + step] = z.gather(1, safe_t[s:s + step, None]).squeeze(1)
         zr = z.sub_(lse_c[:, None])                              # log p, in place
@@ -80,9 +97,9 @@ def live_rows(targets, grad_logp, grad_ent, ignore_index: int):
 
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp: float,
                         ignore_index: int, compute_dh: bool = True, compute_dw: bool = True,
-                        compute_db: bool = True):
+                        compute_db: bool = True, softcap: float = 0.0):
     """Gradients ``(dh [N, H] | None, dW [V, H] | None, db [V] | None)`` in the compute dtype; recomputes the
-    logits per chunk. ``compute_*`` False skip that gradient.
+    logits per chunk. ``compute_*`` False skip that gradient; ``softcap`` as in the forward.
 
     Rows without gradient (``live_rows``) contribute exactly nothing: their hidden states are zeroed before the
     GEMMs and their ``dz`` rows set to 0 (a zero ``dz`` alone would not do: ``0 * NaN``), and chunks holding none
@@ -107,19 +124,23 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
         sl = slice(s, s + step)
         keep = live[sl, None]
         h_c = torch.where(keep, hidden[sl].to(cdt), 0.0)         # [C, H]
-        zr = _logits(h_c, w, b, inv_temp).sub_(lse[sl, None])    # log p  [C, V]
+        z, slope = _capped_logits(h_c, w, b, inv_temp, softcap)
+        zr = z.sub_(lse[sl, None])                               # log p  [C, V]
         p = zr.exp()
         dz = p.mul(-g_lp[sl, None])                              # g_lp ([v == t] - p)
         dz.scatter_add_(1, safe_t[sl, None], g_lp[sl, None])
         if g_ent is not None:                                    # - g_ent p (log p + ent)
             zr.masked_fill_(p == 0, 0.0)
             dz.sub_(p.mul_(zr.add_(ent[sl, None])).mul_(g_ent[sl, None]))
-        dz.mul_(inv_temp).masked_fill_(~keep, 0.0)               # NaN lse of a dead row: its dz is exactly 0
+        dz.mul_(inv_temp)
+        if slope is not None:                                    # chain rule through cap(a)
+            dz.mul_(slope)
+        dz.masked_fill_(~keep, 0.0)                              # NaN lse of a dead row: its dz is exactly 0
         if dh is not None:
             dh[sl] = dz @ w
         if dw is not None:
             dw.addmm_(dz.T, h_c)
         if db is not None:
             db += dz.sum(0)
-        del zr, p, dz  # free this chunk's [C, V] blocks before the next chunk allocates its own
+        del z, zr, p, dz, slope  # free this chunk's [C, V] blocks before the next chunk allocates its own
     return dh, dw, db

@@ -213,25 +213,27 @@ def _onednn() -> bool:
     return os.environ.get("RLCORE_CPP_GEMM", "onednn") != "aten" and torch.backends.mkldnn.enabled
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float):
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, softcap: float = 0.0):
     """``(lse, raw entropy, target logit)``, each FP32 ``[N]``: the signature of ``rlcore.chunked``'s forward.
     Without the extension (the op called directly with ``backend="cpp"``), the chunked path computes it."""
     mod = load()
     if mod is None:
-        return chunked.linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp)
-    return mod.linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, TILE_ROWS, TILE_VOCAB, _onednn())
+        return chunked.linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, softcap)
+    return mod.linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp, TILE_ROWS, TILE_VOCAB, _onednn(),
+                                   float(softcap))
 
 
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp: float,
-                        ignore_index: int, compute_dh: bool = True, compute_dw: bool = True, compute_db: bool = True):
+                        ignore_index: int, compute_dh: bool = True, compute_dw: bool = True, compute_db: bool = True,
+                        softcap: float = 0.0):
     """``(dh, dW, db)`` in the dtypes of ``hidden``, ``weight``, ``bias``; ``None`` for a gradient not computed.
     Without the extension, the chunked path computes them."""
     mod = load()
     if mod is None:
         return chunked.linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp,
-                                           ignore_index, compute_dh, compute_dw, compute_db)
+                                           ignore_index, compute_dh, compute_dw, compute_db, softcap)
     dh, dw, db = mod.linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp,
                                             ignore_index, compute_dh, compute_dw, compute_db, TILE_ROWS, TILE_VOCAB,
-                                            _onednn())
+                                            _onednn(), float(softcap))
     return (dh if compute_dh else None), (dw if compute_dw else None), (db if compute_db and bias is not None
                                                                        else None)

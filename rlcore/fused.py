@@ -36,7 +36,7 @@ import torch
 from torch.compiler import is_compiling as compiling
 
 from . import chunked, cpp, distributed
-from .logprobs import _check_inputs, _check_target_range, linear_logprobs
+from .logprobs import _check_inputs, _check_softcap, _check_target_range, linear_logprobs
 from .losses import PolicyLossOutput, _Layout, evaluate, policy_loss, prepare, resolve
 
 __all__ = ["fused_policy_loss", "STRATEGIES"]
@@ -72,6 +72,7 @@ def fused_policy_loss(
     strategy: str = "auto",
     chunk_budget: Optional[int] = None,
     process_group=None,
+    softcap: float = 0.0,
     **loss_kwargs,
 ) -> PolicyLossOutput:
     """``policy_loss`` on the log-probs of ``targets`` under the head ``weight`` applied to ``hidden``, fused.
@@ -81,8 +82,8 @@ def fused_policy_loss(
     position ``t`` scores (the caller shifts by one, as for any causal LM loss). Positions where ``mask`` is 0 or the
     target is ``ignore_index`` are not loss tokens.
 
-    The head arguments (``bias``, ``temperature``, ``ignore_index``, ``precision``, ``backend``, ``check_targets``)
-    are :func:`rlcore.linear_logprobs`'s; every other keyword (``loss_type``, ``old_logp``, ``agg``, ...) is
+    The head arguments (``bias``, ``temperature``, ``ignore_index``, ``precision``, ``backend``, ``check_targets``,
+    ``softcap``) are :func:`rlcore.linear_logprobs`'s (a soft-capped head runs the two-pass strategy); every other keyword (``loss_type``, ``old_logp``, ``agg``, ...) is
     :func:`rlcore.policy_loss`'s. The entropy is computed in the fused pass when ``entropy_coef != 0`` or
     ``compute_entropy=True`` (then it is reported as ``metrics["entropy_mean"]``).
 
@@ -107,7 +108,11 @@ def fused_policy_loss(
             raise TypeError(f"fused_policy_loss computes {key} itself; do not pass {key}=")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(map(repr, STRATEGIES))}")
-    if process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias):
+    sharded = process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias)
+    backend = _check_softcap(softcap, backend, hidden.device if isinstance(hidden, torch.Tensor) else None, sharded)
+    if softcap > 0 and strategy == "single_pass":
+        raise ValueError("strategy='single_pass' does not take softcap; use strategy='two_pass' or 'auto'")
+    if sharded:
         weight, bias = distributed.local_head(weight, bias, process_group)
     resolved_backend = distributed.agreed(process_group, _check_inputs, hidden, weight, targets, bias, temperature,
                                           ignore_index, precision, backend)
@@ -133,7 +138,7 @@ def fused_policy_loss(
     if mask is not None:
         loss_mask = loss_mask & (mask if mask.dtype == torch.bool else mask != 0)
     head = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, precision=precision,
-                backend=resolved_backend, check_targets=check_targets, process_group=process_group)
+                backend=resolved_backend, check_targets=check_targets, process_group=process_group, softcap=softcap)
 
     if process_group is not None:
         if strategy == "single_pass":
@@ -143,8 +148,8 @@ def fused_policy_loss(
     if strategy == "auto":
         strategy = "two_pass"
         # under torch.compile the choice would read the mask (a data-dependent branch): two_pass, which traces
-        if (resolved_backend in ("torch", "triton") and _single_pass_refusal(spec, opts) is None and not compiling()
-                and hidden.device.type != "meta"):
+        if (resolved_backend in ("torch", "triton") and softcap == 0 and _single_pass_refusal(spec, opts) is None
+                and not compiling() and hidden.device.type != "meta"):
             budget = _budget(resolved_backend, chunk_budget)
             if _longest_unit(loss_mask, cu_seqlens, spec) * weight.shape[0] <= budget:
                 strategy = "single_pass"

@@ -100,12 +100,13 @@ def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int,
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _portable_fwd(backend: str, precision: str, hidden: torch.Tensor, weight: torch.Tensor, ignore_index: int):
+def _portable_fwd(backend: str, precision: str, hidden: torch.Tensor, weight: torch.Tensor, ignore_index: int,
+                  softcap: float = 0.0):
     """The forward of a device-generic backend, as ``fn(hidden, weight, bias, targets, inv_temp) -> (lse, ent, zt)``."""
     if backend == "triton":
         mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "fwd")
         return lambda h, w, b, t, inv_temp: _kernels().linear_logprobs_fwd(h, w, b, t, inv_temp, ignore_index, mode)
-    return chunked.linear_logprobs_fwd
+    return lambda h, w, b, t, inv_temp: chunked.linear_logprobs_fwd(h, w, b, t, inv_temp, softcap)
 
 
 def _forward(hidden, weight, bias, targets, temperature, ignore_index, check_targets, fwd):
@@ -134,36 +135,38 @@ def _linear_logprobs_op(
     precision: str,
     backend: str,
     check_targets: bool,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hidden [N, H]``, ``weight [V, H]``, ``targets [N]`` -> ``(logp [N], entropy [N], stats [2, N])``.
 
     ``stats`` holds ``(lse, raw entropy)`` for the backward: an output of its own, not differentiable, so that the
     caller may edit ``logp`` and ``entropy`` in place.
     """
-    fwd = _portable_fwd(backend, precision, hidden, weight, ignore_index)
+    fwd = _portable_fwd(backend, precision, hidden, weight, ignore_index, softcap)
     return _forward(hidden, weight, bias, targets, temperature, ignore_index, check_targets, fwd)
 
 
 @_linear_logprobs_op.register_kernel("cpu")
 def _linear_logprobs_cpu(hidden, weight, bias, targets, temperature, ignore_index, precision, backend,
-                         check_targets):
+                         check_targets, softcap=0.0):
     """CPU tensors: the compiled kernels for ``backend="cpp"``; the other backends (the chunked path, Triton's
     interpreter) as on any device."""
-    fwd = (cpp.linear_logprobs_fwd if backend == "cpp"
-           else _portable_fwd(backend, precision, hidden, weight, ignore_index))
+    fwd = ((lambda h, w, b, t, inv_temp: cpp.linear_logprobs_fwd(h, w, b, t, inv_temp, softcap)) if backend == "cpp"
+           else _portable_fwd(backend, precision, hidden, weight, ignore_index, softcap))
     return _forward(hidden, weight, bias, targets, temperature, ignore_index, check_targets, fwd)
 
 
 @_linear_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, precision, backend, check_targets):
+def _(hidden, weight, bias, targets, temperature, ignore_index, precision, backend, check_targets, softcap=0.0):
     dtype = chunked.compute_dtype(hidden.dtype, weight.dtype)  # outputs: float32, float64 for float64 inputs
     n = hidden.shape[0]
     return (hidden.new_empty((n,), dtype=dtype), hidden.new_empty((n,), dtype=dtype),
             hidden.new_empty((2, n), dtype=dtype))
 
 
-def _portable_bwd(backend: str, precision: str, hidden: torch.Tensor, weight: torch.Tensor):
-    """The backward of a device-generic backend, with ``rlcore.chunked.linear_logprobs_bwd``'s signature."""
+def _portable_bwd(backend: str, precision: str, hidden: torch.Tensor, weight: torch.Tensor, softcap: float = 0.0):
+    """The backward of a device-generic backend, with ``rlcore.chunked.linear_logprobs_bwd``'s signature (the cap
+    bound in)."""
     if backend == "triton":
         mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "bwd")
 
@@ -171,7 +174,14 @@ def _portable_bwd(backend: str, precision: str, hidden: torch.Tensor, weight: to
             return _kernels().linear_logprobs_bwd(g_lp, g_ent, h, w, b, t, lse, ent, inv_temp, ignore_index, mode,
                                                   compute_dh, compute_dw, compute_db)
         return bwd
-    return chunked.linear_logprobs_bwd
+    return _with_softcap(chunked.linear_logprobs_bwd, softcap)
+
+
+def _with_softcap(bwd, softcap: float):
+    """``bwd`` (a backend's backward, ``softcap=`` keyword) with the cap bound; itself without a cap."""
+    if softcap <= 0:
+        return bwd
+    return lambda *args: bwd(*args, softcap=softcap)
 
 
 def _backward_body(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature, ignore_index,
@@ -212,25 +222,28 @@ def _linear_logprobs_backward_op(
     compute_dh: bool,
     compute_dw: bool,
     compute_db: bool,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dh [N, H], dW [V, H], db [V])``, contiguous, in the dtypes of ``hidden``, ``weight``, ``bias``.
     A gradient not asked for (``compute_*`` False, or no bias) is an empty ``[0]`` tensor and costs nothing."""
     return _backward_body(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature, ignore_index,
-                          compute_dh, compute_dw, compute_db, _portable_bwd(backend, precision, hidden, weight))
+                          compute_dh, compute_dw, compute_db,
+                          _portable_bwd(backend, precision, hidden, weight, softcap))
 
 
 @_linear_logprobs_backward_op.register_kernel("cpu")
 def _linear_logprobs_backward_cpu(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature,
-                                  ignore_index, precision, backend, compute_dh, compute_dw, compute_db):
+                                  ignore_index, precision, backend, compute_dh, compute_dw, compute_db, softcap=0.0):
     """CPU tensors: the compiled kernels for ``backend="cpp"``, the other backends as on any device."""
-    bwd = cpp.linear_logprobs_bwd if backend == "cpp" else _portable_bwd(backend, precision, hidden, weight)
+    bwd = (_with_softcap(cpp.linear_logprobs_bwd, softcap) if backend == "cpp"
+           else _portable_bwd(backend, precision, hidden, weight, softcap))
     return _backward_body(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature, ignore_index,
                           compute_dh, compute_dw, compute_db, bwd)
 
 
 @_linear_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature, ignore_index, precision,
-      backend, compute_dh, compute_dw, compute_db):
+      backend, compute_dh, compute_dw, compute_db, softcap=0.0):
     # new_empty(shape), not empty_like: the real op returns contiguous gradients whatever the inputs' strides.
     return (hidden.new_empty(hidden.shape) if compute_dh else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if compute_dw else hidden.new_empty((0,)),
@@ -238,11 +251,12 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, precision, backend, _ = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, precision, backend, _ = inputs[:9]
     stats = output[2]
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(hidden, weight, bias, targets, stats)
     ctx.args = (temperature, ignore_index, precision, backend)
+    ctx.softcap = inputs[9] if len(inputs) > 9 else 0.0
     ctx.set_materialize_grads(False)  # an unused entropy output gives None, and the kernel skips its term
 
 
@@ -250,12 +264,12 @@ def _backward(ctx, grad_logp, grad_ent, _grad_stats):
     hidden, weight, bias, targets, stats = ctx.saved_tensors
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_ent is None) or not (need_dh or need_dw or need_db):
-        return (None,) * 9
+        return (None,) * 10
     if grad_logp is None:
         grad_logp = torch.zeros_like(stats[0])
     dh, dw, db = _linear_logprobs_backward_op(grad_logp, grad_ent, hidden, weight, bias, targets, stats, *ctx.args,
-                                              need_dh, need_dw, need_db)
-    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None), *(None,) * 6
+                                              need_dh, need_dw, need_db, ctx.softcap)
+    return (dh if need_dh else None), (dw if need_dw else None), (db if need_db else None), *(None,) * 7
 
 
 torch.library.register_autograd("rlcore::linear_logprobs", _backward, setup_context=_setup_context)
@@ -277,6 +291,25 @@ torch.library.register_autograd("rlcore::linear_logprobs_backward", _no_double_b
 # ----------------------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_softcap(softcap, backend: str, device: torch.device, distributed_: bool) -> str:
+    """Validate ``softcap`` (0: none) and return the backend that computes it (``backend="auto"`` on CUDA: the
+    chunked PyTorch path until the Triton kernels take a cap)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a Python float (0 for none), got {type(softcap).__name__}")
+    if softcap == 0:   # first: the default traces under torch.compile without a check
+        return backend
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0 for none), got {softcap}")
+    if distributed_:
+        raise ValueError("softcap does not take a process_group or DTensor head yet; gather the head or drop the cap")
+    if backend == "triton":
+        raise ValueError("softcap is not supported on backend='triton' yet; use backend='torch' (chunked PyTorch, "
+                         "any device) or backend='auto'")
+    if backend == "auto" and device is not None and device.type == "cuda":
+        return "torch"
+    return backend
 
 
 def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend) -> str:
@@ -376,10 +409,12 @@ def linear_logprobs(
     backend: str = "auto",
     check_targets: bool = True,
     process_group=None,
+    softcap: float = 0.0,
 ):
     """Log-probability of each target token, and optionally the entropy, without materialising the logits.
 
-    Computes, for every position, with ``logits = (hidden @ weight.T + bias) / temperature``::
+    Computes, for every position, with ``logits = cap(hidden @ weight.T + bias) / temperature``, ``cap`` the
+    identity unless ``softcap > 0``::
 
         logp    = log_softmax(logits)[target]            # [...]
         entropy = -(softmax(logits) * log_softmax(logits)).sum(-1)
@@ -414,6 +449,12 @@ def linear_logprobs(
             ``targets`` (global ids) are the same on every rank. The result is the whole vocabulary's, on every rank;
             the backward gives each rank its shard's gradient and the full ``dh``. A DTensor ``weight``/``bias`` is
             accepted with or without a group. See ``rlcore.distributed``.
+        softcap: ``c > 0`` caps the logits at ``cap(a) = c * tanh(a / c)`` before the temperature (Gemma 2/3's
+            ``final_logit_softcapping``), with its gradient; ``0`` (default) for none. Chunked PyTorch and compiled
+            C++ backends; ``backend="triton"`` raises ``ValueError`` until its kernels take a cap, and
+            ``backend="auto"`` on CUDA runs the chunked path. With a cap, a ``-inf`` bias entry becomes ``-c``, as
+            in the models' own formula. A multiplicative logit scale ``s`` (Cohere, Granite) needs no option: it is
+            ``temperature=1/s``.
 
     Returns:
         ``logp [...]`` float32 (float64 for float64 inputs), or ``(logp, entropy)`` with ``return_entropy=True``.
@@ -426,7 +467,9 @@ def linear_logprobs(
         >>> logp.shape, ent.shape
         (torch.Size([4, 7]), torch.Size([4, 7]))
     """
-    if process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias):
+    sharded = process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias)
+    backend = _check_softcap(softcap, backend, hidden.device if isinstance(hidden, torch.Tensor) else None, sharded)
+    if sharded:
         weight, bias = distributed.local_head(weight, bias, process_group)
     check = (hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
     if process_group is None:
@@ -439,7 +482,7 @@ def linear_logprobs(
     temperature = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
     if process_group is None:
         logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, temperature, int(ignore_index), precision,
-                                           backend, bool(check_targets))
+                                           backend, bool(check_targets), float(softcap))
     else:
         logp, ent = distributed.vocab_parallel_logprobs(h2, weight, bias, t1, layout, temperature,
                                                         int(ignore_index), precision, backend, bool(check_targets))
