@@ -43,6 +43,7 @@ __all__ = ["linear_divergence", "linear_divergence_reference", "KINDS", "BACKEND
 KINDS = ("reverse_kl", "forward_kl", "jsd")
 BACKENDS = ("auto", "triton", "torch")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_MIXED = ((torch.bfloat16, torch.float32), (torch.float16, torch.float32))
 _FP32_MAX = torch.finfo(torch.float32).max
 # Both heads' [C, V] blocks and a few temporaries are live at once: half the single-head chunk of rlcore.chunked.
 CHUNK_ELEMENTS = int(os.environ.get("RLCORE_DIVERGENCE_CHUNK_ELEMENTS", chunked.CHUNK_ELEMENTS // 2))
@@ -225,6 +226,13 @@ def linear_divergence_reference(hidden, weight, teacher_hidden, teacher_weight, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _modes(hs, ws, ht, wt, kind: str):
+    """Each head's Triton ``KernelMode`` for pass ``kind``: ``linear_logprobs``'s mapping at ``precision="default"``."""
+    from .logprobs import _kernel_mode
+
+    return _kernel_mode("default", hs.dtype, ws.dtype, kind), _kernel_mode("default", ht.dtype, wt.dtype, kind)
+
+
 def _out_dtype(*tensors) -> torch.dtype:
     return chunked.compute_dtype(*(t.dtype for t in tensors))
 
@@ -243,7 +251,8 @@ def _linear_divergence_op(
     if N == 0:
         return hs.new_empty((0,), dtype=dtype), hs.new_empty((4, 0), dtype=dtype)
     if backend == "triton":
-        stats = _kernels().divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind, beta, 1.0 / temperature)
+        stats = _kernels().divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind, beta, 1.0 / temperature,
+                                          _modes(hs, ws, ht, wt, "fwd"))
     else:
         stats = chunked_divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind, beta, 1.0 / temperature)
     return torch.where(valid, combine(stats, kind, beta), 0.0), stats
@@ -272,7 +281,7 @@ def _linear_divergence_backward_op(
         grads = tuple(x.new_zeros(x.shape) if n else None for n, x in zip(needs, inputs))
     elif backend == "triton":
         grads = _kernels().divergence_bwd(grad.contiguous(), hs, ws, bs, ht, wt, bt, valid, stats, kind, beta,
-                                          1.0 / temperature, needs)
+                                          1.0 / temperature, needs, _modes(hs, ws, ht, wt, "bwd"))
     else:
         grads = chunked_divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind, beta, 1.0 / temperature,
                                        needs)
@@ -329,6 +338,10 @@ def _check_head(prefix: str, hidden, weight, bias) -> None:
         raise ValueError(f"{names[1]} must have at least one row (V >= 1)")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{names[2]} must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    pair = (hidden.dtype, weight.dtype)
+    if pair[0] != pair[1] and pair not in _MIXED and torch.float64 not in pair:
+        raise TypeError(f"{names[0]} ({hidden.dtype}) and {names[1]} ({weight.dtype}) must share a dtype, or be "
+                        "bf16/fp16 hidden states with a float32 head")
 
 
 def _check_inputs(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask, kind, beta, temperature,
