@@ -37,7 +37,7 @@ import torch
 
 from . import chunked
 
-__all__ = ["linear_divergence", "linear_divergence_reference", "KINDS", "BACKENDS", "chunked_divergence_fwd",
+__all__ = ["linear_divergence", "linear_divergence_reference", "teacher_topk", "KINDS", "BACKENDS", "chunked_divergence_fwd",
            "chunked_divergence_bwd", "combine"]
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
@@ -311,6 +311,45 @@ def _backward(ctx, grad, _grad_stats):
 
 
 torch.library.register_autograd("rlcore::linear_divergence", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Top-k support
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_topk(ht, wt, bt, valid, k: int, inv_temp: float) -> torch.Tensor:
+    """``ids [N, k]``: the teacher's ``k`` largest logits at each position (ties in ``torch.topk``'s order), found a
+    block of rows at a time; rows not ``valid`` give id 0."""
+    N = ht.shape[0]
+    cdt = chunked.compute_dtype(ht.dtype, wt.dtype)
+    wt, bt = wt.to(cdt), (None if bt is None else bt.to(cdt))
+    ids = torch.zeros((N, k), dtype=torch.long, device=ht.device)
+    step = _rows_per_chunk(wt.shape[0])
+    for s in range(0, N, step):
+        sl = slice(s, s + step)
+        zt, _ = _head_logits(ht[sl], wt, bt, valid[sl], inv_temp)
+        ids[sl] = torch.where(valid[sl, None], zt.topk(k, dim=-1).indices, 0)
+        del zt
+    return ids
+
+
+def _topk_divergence(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temperature: float, k: int,
+                     backend: str):
+    """The divergence over the teacher's top-``k`` support, both distributions renormalised there: the ``k``
+    log-probs of each head come from multi-target ``linear_logprobs`` (one pass per head, no logits), the rest is
+    ``[N, k]`` PyTorch, differentiated by autograd."""
+    from .logprobs import linear_logprobs
+
+    ignore = -1
+    ids = torch.where(valid[:, None], teacher_topk(ht, wt, bt, valid, k, 1.0 / temperature), ignore)
+    rows = valid[:, None]
+    lp = [linear_logprobs(torch.where(rows, h, 0.0), w, ids, bias=b, temperature=temperature, ignore_index=ignore,
+                          backend=backend, check_targets=False)                     # masked rows: zeros, not NaN
+          for h, w, b in ((hs, ws, bs), (ht, wt, bt))]
+    ls, lt = (x.log_softmax(-1) for x in lp)                                         # renormalised on the support
+    return torch.where(valid, _divergence_from_logprobs(ls, lt, kind, beta), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
