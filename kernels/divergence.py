@@ -67,7 +67,8 @@ def _fwd_kernel(
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Span states ``part [5, SPLITS, N]``: ``m_S, s_S, m_T, s_T, a`` (``a`` per ``KIND``, 0 for the JSD)."""
+    """Span states ``part [5, SPLITS, N]``: ``m_S, s_S, m_T, s_T, a`` (``a`` per ``KIND``, 0 for the JSD); the host
+    turns ``a / s`` into ``mu`` and the divergence."""
     i_n, i_s = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLITS, GROUP)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
@@ -192,24 +193,26 @@ def _dz_kernel(
         b_lse_t = tl.load(stats_ptr + N + o_n, mask=m_row, other=0.0)
         b_c1 = tl.load(stats_ptr + 2 * N + o_n, mask=m_row, other=0.0)
         b_c2 = tl.load(stats_ptr + 3 * N + o_n, mask=m_row, other=0.0)
-        b_ls = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, m_row, m_v, HS,
+        b_zs = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, m_row, m_v, HS,
                             stride_hsn, stride_hsh, stride_wsv, stride_wsh, inv_temp,
-                            HAS_BIAS_S, CAST_S, DOT_S, UPCAST_S, BLOCK_N, BLOCK_V, BLOCK_H) - b_lse_s[:, None]
-        b_lt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, m_row, m_v, HT,
+                            HAS_BIAS_S, CAST_S, DOT_S, UPCAST_S, BLOCK_N, BLOCK_V, BLOCK_H)
+        b_zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, m_row, m_v, HT,
                             stride_htn, stride_hth, stride_wtv, stride_wth, inv_temp,
-                            HAS_BIAS_T, CAST_T, DOT_T, UPCAST_T, BLOCK_N, BLOCK_V, BLOCK_H) - b_lse_t[:, None]
+                            HAS_BIAS_T, CAST_T, DOT_T, UPCAST_T, BLOCK_N, BLOCK_V, BLOCK_H)
+        b_ls = b_zs - b_lse_s[:, None]
+        b_lt = b_zt - b_lse_t[:, None]
         b_p = tl.where(m_row[:, None], tl.exp(b_ls), 0.0)
         b_q = tl.where(m_row[:, None], tl.exp(b_lt), 0.0)
-        if KIND == 0:     # reverse KL, D = c1
+        if KIND == 0:     # reverse KL, c2 = mu = E_p[z_S - z_T]
             if NEED_S:
-                b_dzs = tl.where(b_p > 0, b_p * (b_ls - b_lt - b_c1[:, None]), 0.0) * b_g[:, None]
+                b_dzs = tl.where(b_p > 0, b_p * (b_zs - b_zt - b_c2[:, None]), 0.0) * b_g[:, None]
             if NEED_T:
                 b_dzt = (b_q - b_p) * b_g[:, None]
-        elif KIND == 1:   # forward KL, D = c1
+        elif KIND == 1:   # forward KL, c2 = mu = E_q[z_T - z_S]
             if NEED_S:
                 b_dzs = (b_p - b_q) * b_g[:, None]
             if NEED_T:
-                b_dzt = tl.where(b_q > 0, b_q * (b_lt - b_ls - b_c1[:, None]), 0.0) * b_g[:, None]
+                b_dzt = tl.where(b_q > 0, b_q * (b_zt - b_zs - b_c2[:, None]), 0.0) * b_g[:, None]
         else:             # JSD, c1 = KL(p||m), c2 = KL(q||m)
             b_lm = _log_mixture(b_ls, b_lt, log_beta, log_1mbeta)
             if NEED_S:
@@ -311,13 +314,12 @@ def divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, inv_te
                                       KIND=KIND_IDS[kind], **launch)
     lse_s, w_s = _merge_head(part[0], part[1])
     lse_t, w_t = _merge_head(part[2], part[3])
-    zero = torch.zeros_like(lse_s)
     if kind == "reverse_kl":
-        c1 = (part[4] * w_s).sum(0) / (part[1] * w_s).sum(0) - (lse_s - lse_t)
-        c2 = zero
+        c2 = (part[4] * w_s).sum(0) / (part[1] * w_s).sum(0)      # mu = E_p[z_S - z_T]
+        c1 = c2 - (lse_s - lse_t)
     elif kind == "forward_kl":
-        c1 = (part[4] * w_t).sum(0) / (part[3] * w_t).sum(0) - (lse_t - lse_s)
-        c2 = zero
+        c2 = (part[4] * w_t).sum(0) / (part[3] * w_t).sum(0)      # mu = E_q[z_T - z_S]
+        c1 = c2 - (lse_t - lse_s)
     else:
         stats = torch.stack([lse_s, lse_t]).where(valid, 0.0).contiguous()
         part2 = torch.empty((2, splits, N), device=hs.device, dtype=torch.float32)

@@ -1,6 +1,7 @@
 """rlcore: log-probabilities and RL losses for LLM post-training, computed from hidden states without logits."""
 
 from .logprobs import BACKENDS, PRECISIONS, linear_logprobs
+from .divergence import linear_divergence
 from .fused import fused_policy_loss
 from .losses import AGGS, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, PolicyLossOutput, policy_loss, vstar
 from . import reference
@@ -8,5 +9,5 @@ from . import reference
 __version__ = "0.1.0"
 
 __all__ = [
-    "linear_logprobs", "policy_loss", "fused_policy_loss", "vstar", "PolicyLossOutput", "LOSS_TYPES", "AGGS", "IS_MODES", "KL_ESTIMATORS",
+    "linear_logprobs", "linear_divergence", "policy_loss", "fused_policy_loss", "vstar", "PolicyLossOutput", "LOSS_TYPES", "AGGS", "IS_MODES", "KL_ESTIMATORS",
     "reference", "PRECISIONS", "BACKENDS", "__version__"]

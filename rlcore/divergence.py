@@ -8,14 +8,18 @@ and ``q = softmax(z_T)`` (teacher)::
     jsd          beta KL(p || m) + (1 - beta) KL(q || m),   m = beta p + (1 - beta) q
 
 Per-row statistics ``stats [4, N]`` (saved for the backward): ``lse_S``, ``lse_T``, and two components ``c1, c2``:
-the divergence itself and 0 for the KLs; ``KL(p || m)`` and ``KL(q || m)`` for the JSD (``D = beta c1 + (1-beta) c2``).
+for the KLs the divergence ``D`` itself and ``mu``, the mean logit gap (``E_p[z_S - z_T]`` for the reverse KL,
+``E_q[z_T - z_S]`` for the forward one); ``KL(p || m)`` and ``KL(q || m)`` for the JSD (``D = beta c1 + (1-beta) c2``).
 
 Gradients with respect to the logits of one row (``ls = log p``, ``lt = log q``, ``lm = log m``, upstream ``g``), then
 times ``1 / T`` for the raw logits ``h W^T + b``::
 
-    reverse_kl   dz_S = g p (ls - lt - D)            dz_T = g (q - p)
-    forward_kl   dz_S = g (p - q)                    dz_T = g q (lt - ls - D)
+    reverse_kl   dz_S = g p (ls - lt - D)  = g p (z_S - z_T - mu)         dz_T = g (q - p)
+    forward_kl   dz_S = g (p - q)                    dz_T = g q (lt - ls - D) = g q (z_T - z_S - mu)
     jsd          dz_S = g beta p (ls - lm - c1)      dz_T = g (1 - beta) q (lt - lm - c2)
+
+The KLs' gradients use the ``mu`` form: the normalisers cancel there analytically, so logits of 1e4 leave no
+``lse_S - lse_T`` rounding (~1e-3 at that size) in the gradient of a position whose distributions are near one-hot.
 
 Layers, bottom up (as in ``rlcore.logprobs``):
     backends      the chunked PyTorch path below (a block of rows at a time; exact, the reference of the others) and
@@ -106,38 +110,42 @@ def chunked_divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float
         zs, _ = _head_logits(hs[sl], ws, bs, ok, inv_temp)     # [C, V]
         zt, _ = _head_logits(ht[sl], wt, bt, ok, inv_temp)
         lse_s, lse_t = zs.logsumexp(-1), zt.logsumexp(-1)
+        gap = zs - zt if kind != "jsd" else None                # z_S - z_T
         ls, lt = zs.sub_(lse_s[:, None]), zt.sub_(lse_t[:, None])  # log p, log q, in place
         if kind == "reverse_kl":
-            c1, c2 = _xlogy_diff(ls.exp(), ls, lt).sum(-1), torch.zeros_like(lse_s)
+            p = ls.exp()
+            c1, c2 = _xlogy_diff(p, ls, lt).sum(-1), _xlogy_diff(p, gap, 0.0).sum(-1)
         elif kind == "forward_kl":
-            c1, c2 = _xlogy_diff(lt.exp(), lt, ls).sum(-1), torch.zeros_like(lse_s)
+            q = lt.exp()
+            c1, c2 = _xlogy_diff(q, lt, ls).sum(-1), _xlogy_diff(q, 0.0, gap).sum(-1)
         else:
             lm = _log_mixture(ls, lt, beta)
             c1, c2 = _xlogy_diff(ls.exp(), ls, lm).sum(-1), _xlogy_diff(lt.exp(), lt, lm).sum(-1)
             del lm
         block = torch.stack([lse_s, lse_t, c1, c2])
         stats[:, sl] = torch.where(ok, block, 0.0)
-        del zs, zt, ls, lt
+        del zs, zt, ls, lt, gap
     return stats
 
 
-def _dz_blocks(ls, lt, g, stats_c, kind: str, beta: float, inv_temp: float, need_s: bool, need_t: bool):
+def _dz_blocks(zs, zt, g, stats_c, kind: str, beta: float, inv_temp: float, need_s: bool, need_t: bool):
     """Gradients with respect to the raw logits of both heads for one block of rows (module doc); ``None`` where
-    not needed. ``ls``/``lt`` are the log-probabilities ``[C, V]``, ``g [C]`` the upstream gradient (0 on masked rows)."""
+    not needed. ``zs``/``zt`` are the logits ``[C, V]``, ``g [C]`` the upstream gradient (0 on masked rows)."""
+    ls, lt = zs - stats_c[0][:, None], zt - stats_c[1][:, None]
     p, q = ls.exp(), lt.exp()
-    d = combine(stats_c, kind, beta)[:, None]
+    mu = stats_c[3][:, None]
     gs = g[:, None] * inv_temp
     dzs = dzt = None
     if kind == "reverse_kl":
         if need_s:
-            dzs = torch.where(p > 0, p * (ls - lt - d), 0.0) * gs
+            dzs = torch.where(p > 0, p * (zs - zt - mu), 0.0) * gs
         if need_t:
             dzt = (q - p) * gs
     elif kind == "forward_kl":
         if need_s:
             dzs = (p - q) * gs
         if need_t:
-            dzt = torch.where(q > 0, q * (lt - ls - d), 0.0) * gs
+            dzt = torch.where(q > 0, q * (zt - zs - mu), 0.0) * gs
     else:
         lm = _log_mixture(ls, lt, beta)
         if need_s:
@@ -169,9 +177,8 @@ def chunked_divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind: str
         st = stats[:, sl]
         zs, hs_c = _head_logits(hs[sl], ws, bs, ok, inv_temp)
         zt, ht_c = _head_logits(ht[sl], wt, bt, ok, inv_temp)
-        ls, lt = zs.sub_(st[0][:, None]), zt.sub_(st[1][:, None])
-        dzs, dzt = _dz_blocks(ls, lt, g[sl], st, kind, beta, 1.0, need_s, need_t)
-        del zs, zt, ls, lt
+        dzs, dzt = _dz_blocks(zs, zt, g[sl], st, kind, beta, 1.0, need_s, need_t)
+        del zs, zt
         for i, (dz, h_c, w) in enumerate(((dzs, hs_c, ws), (dzt, ht_c, wt))):
             if dz is None:
                 continue
