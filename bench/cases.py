@@ -34,6 +34,7 @@ from typing import Callable, Optional, Union
 import torch
 
 import rlcore
+from rlcore.losses import LOSSES
 from rlcore.reference import linear_logprobs_reference
 
 from .shapes import Shape
@@ -287,14 +288,12 @@ class PolicyLoss(Case):
         mask[:, :P] = False                                           # [B, T] the prompt
         advantages = torch.randn(B, generator=g)                      # [B]
         anchor = logp64.cpu().view(B, T) + LOGP_NOISE * torch.randn(B, T, generator=g, dtype=torch.float64)
-        kwargs: dict = {"loss_type": self.loss_type}
-        if self.loss_type == "apo":
-            kwargs.update(ref_logp=anchor.float().to(device),
-                          rewards=torch.randint(0, 2, (B,), generator=g).float().to(device),
-                          baseline=torch.full((B,), 0.5, device=device))
+        spec = LOSSES[self.loss_type]
+        kwargs: dict = {"loss_type": self.loss_type, (spec.anchor or "old_logp"): anchor.float().to(device)}
+        if spec.family == "regression":
+            kwargs["rewards"] = torch.randint(0, 2, (B,), generator=g).float().to(device)
+            kwargs["baseline"] = torch.full((B,), 0.5, device=device)
             advantages = None
-        else:
-            kwargs.update(old_logp=anchor.float().to(device))
         return Inputs(
             hidden=hidden.view(B, T, shape.H).requires_grad_(True), weight=weight.requires_grad_(True),
             targets=targets.view(B, T), advantages=None if advantages is None else advantages.to(device),

@@ -46,7 +46,7 @@ import torch
 
 import rlcore
 from rlcore.fused import CHUNK_BUDGET
-from rlcore.losses import _PRESETS
+from rlcore.losses import LOSSES
 from rlcore.reference import linear_logprobs_reference
 
 from .cases import Case, Inputs, LogprobsFn, LossFn, loss_layout
@@ -363,11 +363,11 @@ class LigerGRPO(Provider):
 
     @staticmethod
     def options(loss_type: str) -> dict:
-        preset = _PRESETS[loss_type]
+        spec = LOSSES[loss_type]
         if loss_type == "gspo":
-            return dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=preset.eps_low,
-                        epsilon_high=preset.eps_high)
-        return dict(loss_type="cispo", epsilon_high=1.0 + preset.eps_high)
+            return dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=spec.default("eps_low"),
+                        epsilon_high=spec.default("eps_high"))
+        return dict(loss_type="cispo", epsilon_high=1.0 + spec.default("eps_high"))
 
     def build(self, case, inp):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss

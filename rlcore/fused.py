@@ -25,14 +25,13 @@ tool and observation tokens): on CPU they are dropped before any GEMM; on CUDA t
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from . import chunked, cpp, distributed
 from .logprobs import _check_inputs, _check_target_range, linear_logprobs
-from .losses import _PRESETS, PolicyLossOutput, _Layout, _Norms, policy_loss, vstar
+from .losses import PolicyLossOutput, _Layout, evaluate, policy_loss, prepare, resolve
 
 __all__ = ["fused_policy_loss", "STRATEGIES"]
 
@@ -42,8 +41,8 @@ STRATEGIES = ("auto", "two_pass", "single_pass")
 # the longest sequence x V the single pass takes: 2048 loss tokens at V = 16k, 1k tokens at V = 32k.
 CHUNK_BUDGET = 2**25
 
-_PER_TOKEN = ("old_logp", "ref_logp", "sampler_logp", "token_weights")
-_PER_SEQ = ("rewards", "baseline")
+# policy_loss's tensor inputs (everything else in loss_kwargs is a loss option, checked by rlcore.losses.resolve)
+_INPUTS = ("old_logp", "ref_logp", "sampler_logp", "token_weights", "rewards", "baseline")
 
 
 def fused_policy_loss(
@@ -109,9 +108,12 @@ def fused_policy_loss(
     if hidden.dim() != (2 if packed else 3):
         raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] with cu_seqlens (packed), got shape "
                          f"{tuple(hidden.shape)}" + (" with cu_seqlens" if packed else " without cu_seqlens"))
-    loss_type = loss_kwargs.get("loss_type", "ppo")
-    entropy_coef = loss_kwargs.get("entropy_coef", 0.0)
-    need_entropy = bool(compute_entropy) or entropy_coef != 0
+    loss_kwargs = dict(loss_kwargs)
+    loss_type = loss_kwargs.pop("loss_type", "ppo")
+    check_inputs = loss_kwargs.pop("check_inputs", True)
+    inputs = {k: loss_kwargs.pop(k) for k in _INPUTS if k in loss_kwargs}
+    spec, opts = resolve(loss_type, loss_kwargs)                  # every option checked before any logits
+    need_entropy = bool(compute_entropy) or opts.entropy_coef != 0 or opts.get("top_entropy_quantile") is not None
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape)):
         raise ValueError(f"mask must be a tensor shaped like targets {tuple(targets.shape)}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
@@ -128,44 +130,48 @@ def fused_policy_loss(
         strategy = "two_pass"
     if strategy == "auto":
         strategy = "two_pass"
-        if resolved_backend == "torch" and _single_pass_supported(loss_kwargs):
+        if resolved_backend == "torch" and _single_pass_refusal(spec, opts) is None:
             budget = CHUNK_BUDGET if chunk_budget is None else chunk_budget
-            if _longest_unit(loss_mask, cu_seqlens, loss_type) * weight.shape[0] <= budget:
+            if _longest_unit(loss_mask, cu_seqlens, spec) * weight.shape[0] <= budget:
                 strategy = "single_pass"
     elif strategy == "single_pass":
         if resolved_backend != "torch":
             raise ValueError("strategy='single_pass' runs on the chunked PyTorch backend; use backend='torch' "
                              "(or strategy='two_pass' for the Triton kernels)")
-        if not _single_pass_supported(loss_kwargs):
-            raise ValueError("strategy='single_pass' does not take reject=True (the rejected tokens change the "
-                             "batch-wide counts); use strategy='two_pass'")
+        refusal = _single_pass_refusal(spec, opts)
+        if refusal is not None:
+            raise ValueError(f"strategy='single_pass' does not take {refusal}; use strategy='two_pass'")
 
     if strategy == "two_pass":
         logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
-        return policy_loss(**_loss_args(logp, advantages, loss_mask, cu_seqlens, ent, loss_kwargs))
+        return policy_loss(logp, advantages, loss_mask, cu_seqlens=cu_seqlens, entropy=ent, loss_type=loss_type,
+                           check_inputs=check_inputs, **inputs, **loss_kwargs)
     if check_targets:
         _check_target_range(targets, weight.shape[0], ignore_index)
     return _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head,
-                        CHUNK_BUDGET if chunk_budget is None else int(chunk_budget), loss_kwargs)
+                        CHUNK_BUDGET if chunk_budget is None else int(chunk_budget), spec, opts,
+                        dict(inputs, check_inputs=check_inputs))
 
 
-def _loss_args(logp, advantages, mask, cu_seqlens, entropy, loss_kwargs, **extra):
-    args = dict(loss_kwargs)
-    args.update(logp=logp, advantages=advantages, mask=mask, cu_seqlens=cu_seqlens, entropy=entropy, **extra)
-    return args
+def _single_pass_refusal(spec, opts) -> Optional[str]:
+    """Why a single pass cannot compute this loss (``None``: it can). A slice sees only its own log-probs, so the
+    loss may not depend on batch-wide functions of them."""
+    if opts.get("reject"):
+        return "reject=True (the rejected tokens change the batch-wide counts)"
+    if opts.get("top_entropy_quantile") is not None:
+        return "top_entropy_quantile (the quantile is over the whole batch's entropies)"
+    if spec.whole_batch is not None and spec.whole_batch(opts):
+        return f"loss_type={spec.name!r} (its terms read the whole batch's log-probs)"
+    return None
 
 
-def _single_pass_supported(loss_kwargs) -> bool:
-    return not loss_kwargs.get("reject", False)
-
-
-def _longest_unit(loss_mask, cu_seqlens, loss_type) -> int:
-    """Loss tokens of the largest group a single-pass slice cannot split: a sequence, or a REBEL pair."""
+def _longest_unit(loss_mask, cu_seqlens, spec) -> int:
+    """Loss tokens of the largest group a single-pass slice cannot split: a sequence, or a pair."""
     if cu_seqlens is None:
         counts = loss_mask.sum(-1)                                            # [B]
     else:
         counts = _Layout(loss_mask.float(), cu_seqlens, check=False).seq_sum(loss_mask.float())
-    if loss_type == "rebel" and counts.numel() % 2 == 0:
+    if spec.unit == "pair" and counts.numel() % 2 == 0:
         counts = counts.view(-1, 2).sum(-1)
     return int(counts.max()) if counts.numel() else 0
 
@@ -250,39 +256,13 @@ class _SinglePassLoss(torch.autograd.Function):
 
 
 def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head, budget,
-                 loss_kwargs):
+                 spec, opts, inputs):
     packed = cu_seqlens is not None
-    loss_type = loss_kwargs.get("loss_type", "ppo")
-    preset = _PRESETS.get(loss_type)
-    if preset is None or cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
-        # let policy_loss raise its own error for a bad loss_type / cu_seqlens
-        return policy_loss(**_loss_args(torch.zeros(targets.shape, device=hidden.device), advantages, loss_mask,
-                                         cu_seqlens, None, loss_kwargs))
-    # Validate every loss argument once, on the whole batch, with placeholder log-probs (no gradient, O(N)).
+    # Prepare the whole batch once, with placeholder log-probs (no gradient, O(N)): every input is checked, and the
+    # batch-wide denominators and constants (group baselines) a slice cannot see are computed here.
     probe = torch.zeros(targets.shape, dtype=chunked.compute_dtype(hidden.dtype, weight.dtype), device=hidden.device)
-    policy_loss(**_loss_args(probe, advantages, loss_mask, cu_seqlens,
-                              probe if need_entropy else None, loss_kwargs))
-    layout = _Layout(probe, cu_seqlens, check=False)
-    B = layout.B
-    kwargs = dict(loss_kwargs)
-    kwargs.pop("num_tokens", None)
-    # Batch-wide quantities a slice cannot see: the aggregation denominators and the group baselines.
-    m = loss_mask.to(probe.dtype)
-    n_seq = layout.seq_sum(m)                                                 # [B]
-    num_tokens = loss_kwargs.get("num_tokens")
-    norms = _Norms(
-        num_tokens=m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=probe.dtype,
-                                                                      device=probe.device),
-        num_seqs=(n_seq > 0).sum(),
-        num_pairs=(n_seq.view(-1, 2).sum(-1) > 0).sum() if loss_type == "rebel" else (n_seq > 0).sum(),
-        batch=B,
-    )
-    if loss_type in ("oapl", "kimi") and kwargs.get("baseline") is None:
-        g = kwargs["group_size"]
-        groups = kwargs["rewards"].view(-1, g)
-        b = groups.mean(-1) if loss_type == "kimi" else vstar(groups, kwargs.get("beta1", 0.5))
-        kwargs["baseline"] = b.repeat_interleave(g)
-
+    whole = prepare(probe, advantages, loss_mask, spec=spec, opts=opts, cu_seqlens=cu_seqlens,
+                    entropy=probe if need_entropy else None, **inputs)
     N_shape = tuple(targets.shape)
     h_flat = hidden.detach().reshape(-1, hidden.shape[-1])                    # [N, H]
     t_flat = targets.reshape(-1)
@@ -294,9 +274,7 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
     b_ = None if head["bias"] is None else head["bias"].detach().to(cdt)
     cu_list = cu_seqlens.tolist() if packed else None
     T = None if packed else targets.shape[1]
-    slices = _slices(loss_mask, cu_seqlens, V, budget, pair=loss_type == "rebel")
-    adv_per_seq = advantages is not None and tuple(advantages.shape) == (B,) and (
-        (N_shape != (B,)) or preset.ratio == "seq")
+    slices = _slices(loss_mask, cu_seqlens, V, budget, pair=spec.unit == "pair")
 
     logp_all = torch.zeros(h_flat.shape[0], dtype=cdt, device=hidden.device)
     ent_all = torch.zeros_like(logp_all) if need_entropy else None
@@ -325,16 +303,12 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
             ent_leaf = ent_c.detach().requires_grad_() if need_entropy else None
             with torch.enable_grad():
                 n_tok = t1 - t0
+                shape = (n_tok,) if packed else (s1 - s0, T)
                 lp_tok = torch.zeros(n_tok, dtype=cdt, device=hidden.device).index_copy(0, idx, lp_leaf)
                 ent_tok = None if not need_entropy else torch.zeros(
-                    n_tok, dtype=cdt, device=hidden.device).index_copy(0, idx, ent_leaf)
-                args = _slice_args(kwargs, s0, s1, t0, t1, packed, T, cu_seqlens)
-                shape = (n_tok,) if packed else (s1 - s0, T)
-                adv = None if advantages is None else (
-                    advantages[s0:s1] if adv_per_seq else _slice_tok(advantages, t0, t1, s0, s1, packed))
-                out = policy_loss(**_loss_args(
-                    lp_tok.view(shape), adv, _slice_tok(loss_mask, t0, t1, s0, s1, packed), args.pop("cu_seqlens"),
-                    None if ent_tok is None else ent_tok.view(shape), args), _norms=norms, check_inputs=False)
+                    n_tok, dtype=cdt, device=hidden.device).index_copy(0, idx, ent_leaf).view(shape)
+                part = whole.slice(s0, s1, t0, t1).with_logp(lp_tok.view(shape), ent_tok, opts)
+                out = evaluate(spec, part, opts)
                 leaves = [lp_leaf] + ([ent_leaf] if need_entropy else [])
                 grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
             total += out.loss.detach()
@@ -359,29 +333,9 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
         return total, dh, dw, db
 
     loss = _SinglePassLoss.apply(hidden, weight, head["bias"], run)
-    with torch.no_grad():                      # the metrics (and a whole-batch value) from the slices' log-probs
-        whole = policy_loss(**_loss_args(logp_all.view(N_shape), advantages, loss_mask, cu_seqlens,
-                                          None if ent_all is None else ent_all.view(N_shape), loss_kwargs),
-                             check_inputs=False)
-    metrics = dict(whole.metrics)
+    with torch.no_grad():                      # the metrics, from the slices' log-probs on the prepared batch
+        full = evaluate(spec, whole.with_logp(logp_all.view(N_shape),
+                                              None if ent_all is None else ent_all.view(N_shape), opts), opts)
+    metrics = dict(full.metrics)
     metrics["loss"] = loss.detach()
     return PolicyLossOutput(loss, metrics)
-
-
-def _slice_tok(x, t0, t1, s0, s1, packed):
-    return x[t0:t1] if packed else x[s0:s1]
-
-
-def _slice_args(kwargs, s0, s1, t0, t1, packed, T, cu_seqlens):
-    """The loss keyword arguments restricted to sequences ``[s0, s1)`` (tokens ``[t0, t1)`` when packed)."""
-    args = dict(kwargs)
-    for key in _PER_TOKEN:
-        if args.get(key) is not None:
-            args[key] = _slice_tok(args[key], t0, t1, s0, s1, packed)
-    for key in _PER_SEQ:
-        if args.get(key) is not None:
-            args[key] = args[key][s0:s1]
-    args["cu_seqlens"] = (cu_seqlens[s0:s1 + 1] - cu_seqlens[s0]) if packed else None
-    if "group_size" in args:
-        args["group_size"] = None if args.get("baseline") is not None else args["group_size"]
-    return args

@@ -10,8 +10,8 @@ written out literally, one token at a time, in float64:
 - Gradients flow to ``logp`` and ``entropy`` (whatever dtype they have: they are cast to float64 differentiably).
   All other inputs are constants; ``sg(x)`` is ``x.detach()``.
 
-It never imports the fast path (``rlcore.losses``, ``rlcore.segments``): it is an independent second implementation,
-meant to be obviously right rather than fast. Use it on batches of a few dozen tokens.
+It never calls the fast path (``rlcore.losses``' arithmetic, ``rlcore.segments``): it reads only the registry's names
+and defaults, and is otherwise an independent second implementation, meant to be obviously right rather than fast. Use it on batches of a few dozen tokens.
 
 Where the contract leaves a choice, this file takes (and the tests avoid depending on the last two):
 
@@ -43,31 +43,25 @@ import torch
 
 __all__ = [
     "policy_loss_reference", "vstar_reference",
-    "LOSS_TYPES", "CLIPPED", "PPO_FORMS", "REGRESSION", "AGGS", "IS_MODES", "KL_ESTIMATORS", "DEFAULTS",
+    "LOSS_TYPES", "CLIPPED", "PPO_FORMS", "REGRESSION", "ZOO", "AGGS", "IS_MODES", "KL_ESTIMATORS",
 ]
 
 PPO_FORMS = ("ppo", "dapo", "dr_grpo", "gspo", "gspo_token")   # losses written in the min(rho A, clip(rho) A) form
-CLIPPED = PPO_FORMS + ("cispo", "reinforce")                     # the per-token family (LOSSES.md section 1)
+CLIPPED = PPO_FORMS + ("cispo", "reinforce")                     # the per-token family (docs/losses.md section 1)
 REGRESSION = ("apo", "oapl", "kimi", "rebel")                    # the squared-regression family (section 5)
-LOSS_TYPES = CLIPPED + REGRESSION
-AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "constant")
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
+ZOO = ("sapo", "vespo", "luspo", "gmpo", "dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov")   # section 8
+LOSS_TYPES = CLIPPED + REGRESSION + ZOO
+# the accepted names are defined once, in rlcore.losses (data, not arithmetic)
+from .losses import AGGS, IS_MODES, KL_ESTIMATORS  # noqa: E402
 
-# loss_type: (agg, eps_low, eps_high, beta2); "-" where the parameter does not apply.
-DEFAULTS = {
-    "ppo": ("token-mean", 0.2, 0.2, "-"),
-    "dapo": ("token-mean", 0.2, 0.28, "-"),
-    "dr_grpo": ("constant", 0.2, 0.2, "-"),
-    "gspo": ("seq-mean-token-mean", 3e-4, 4e-4, "-"),
-    "gspo_token": ("seq-mean-token-mean", 3e-4, 4e-4, "-"),
-    "cispo": ("token-mean", None, 0.28, "-"),
-    "reinforce": ("token-mean", "-", "-", "-"),
-    "apo": ("token-mean", "-", "-", 1e-3),
-    "oapl": ("token-mean", "-", "-", 1e-3),
-    "kimi": ("token-mean", "-", "-", 0.01),
-    "rebel": ("token-mean", "-", "-", "-"),
-}
+
+def _default(loss_type: str, name: str):
+    """The registry's default of option ``name`` for ``loss_type`` (the only thing read from ``rlcore.losses``: the
+    defaults are the contract's data, not its arithmetic)."""
+    from .losses import LOSSES
+
+    return LOSSES[loss_type].default(name)
+
 
 _DEFAULT = object()
 
@@ -145,6 +139,12 @@ def policy_loss_reference(
     beta1: float = 0.5,
     group_size: Optional[int] = None,
     eta: float = 1.0,
+    num_seqs=None,
+    ratio_level=_DEFAULT,
+    top_entropy_quantile: Optional[float] = None,
+    off_policy_mask: Optional[float] = None,
+    kl_is_weighted: bool = False,
+    **zoo,
 ):
     """The policy loss, literally, in float64. Same arguments and layouts as ``rlcore.policy_loss``.
 
@@ -155,13 +155,22 @@ def policy_loss_reference(
     Returns:
         ``(loss, metrics)``: a 0-d float64 tensor and a dict of detached 0-d float64 tensors.
     """
-    if loss_type not in DEFAULTS:
+    if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    d_agg, d_eps_low, d_eps_high, d_beta2 = DEFAULTS[loss_type]
-    agg = d_agg if agg is _DEFAULT else agg
-    eps_low = d_eps_low if eps_low is _DEFAULT else eps_low
-    eps_high = d_eps_high if eps_high is _DEFAULT else eps_high
-    beta2 = d_beta2 if beta2 is _DEFAULT else beta2
+
+    def pick(value, name, fallback="-"):
+        if value is not _DEFAULT:
+            return value
+        try:
+            return _default(loss_type, name)
+        except KeyError:
+            return fallback
+
+    agg = pick(agg, "agg")
+    eps_low, eps_high = pick(eps_low, "eps_low"), pick(eps_high, "eps_high")
+    beta2 = pick(beta2, "beta2")
+    ratio_level = pick(ratio_level, "ratio_level", "token")
+    zoo = {k: zoo.get(k, _default(loss_type, k)) for k in _ZOO_OPTIONS.get(loss_type, ())}
     if agg not in AGGS:
         raise ValueError(f"unknown agg {agg!r}")
     if is_mode is not None and is_mode not in IS_MODES:
@@ -225,22 +234,27 @@ def policy_loss_reference(
     num_loss_tokens = sum(n)
 
     # ---- 2. aggregation of a per-token quantity given as {flat position: 0-d tensor} -----------------------------
+    def seq_count():
+        return float(num_seqs) if num_seqs is not None else float(sum(1 for k in n if k > 0))
+
     def aggregate(x, base):
         sums = [_add([x[j] for j in toks], base) for toks in seqs]       # sum_t m_it x_it
         S = _add(sums, base)
+        batch = float(num_seqs) if num_seqs is not None else float(B)
         if agg == "token-mean":
             denom = float(num_tokens) if num_tokens is not None else float(num_loss_tokens)
             return S / max(denom, 1.0)
         if agg == "token-sum":
             return S
         if agg == "seq-mean-token-mean":
-            nonempty = sum(1 for k in n if k > 0)
-            return _add([s / max(k, 1) for s, k in zip(sums, n)], base) / max(nonempty, 1)
+            return _add([s / max(k, 1) for s, k in zip(sums, n)], base) / max(seq_count(), 1.0)
         if agg == "seq-mean-token-sum":
-            return S / max(B, 1)
+            return S / max(batch, 1.0)
         if agg_constant is None:
-            raise ValueError("agg='constant' needs agg_constant")
-        return S / (B * agg_constant)
+            raise ValueError(f"agg={agg!r} needs agg_constant")
+        if agg == "seq-mean-token-sum-norm":
+            return S / max(batch, 1.0) / agg_constant
+        return S / (max(batch, 1.0) * agg_constant)
 
     # ---- 4. KL to the reference policy ----------------------------------------------------------------------------
     def kl_value(D, name):
@@ -274,28 +288,61 @@ def policy_loss_reference(
     def mean(xs):
         return math.fsum(xs) / len(xs) if xs else 0.0
 
+    lo = None if eps_low in (None, "-") else 1.0 - eps_low
+    hi = None if eps_high in (None, "-") else 1.0 + eps_high
+
+    def log_ratio(x):
+        return torch.clamp(x, -log_ratio_clamp, log_ratio_clamp) if log_ratio_clamp is not None else x
+
+    def ppo_form(ratio, A):                                              # -min(r A, clip(r, lo, hi) A), dual clip
+        clipped = ratio if lo is None and hi is None else torch.clamp(ratio, min=lo, max=hi)
+        c = -torch.minimum(ratio * A, clipped * A)
+        if dual_clip is not None and A < 0:
+            c = torch.minimum(c, -dual_clip * A)
+        return c
+
+    def policy_keep(_log_ratio=None):
+        """flat position -> whether its policy term counts (``top_entropy_quantile``, ``off_policy_mask``)."""
+        keep = {j: True for toks in seqs for j in toks}
+        if top_entropy_quantile is not None:
+            if H is None:
+                raise ValueError("top_entropy_quantile needs entropy")
+            vals = [_val(H[j]) for toks in seqs for j in toks]
+            dropped = 0
+            if vals:
+                thr = float(torch.quantile(torch.tensor(vals, dtype=torch.float64), 1.0 - top_entropy_quantile))
+                for j in keep:
+                    keep[j] = _val(H[j]) >= thr
+                    dropped += not keep[j]
+            metrics["entropy_keep_frac"] = (len(vals) - dropped) / len(vals) if vals else 0.0
+        if off_policy_mask is not None:
+            anchor = smp if smp is not None else old
+            off = 0
+            for i, toks in enumerate(seqs):
+                kl_i = mean([_val(anchor[j]) - _val(lp[j]) if anchor is not None else 0.0 for j in toks])
+                for j in toks:
+                    if not (float(A_of(i, j)) >= 0 or kl_i <= off_policy_mask):
+                        keep[j] = False
+                        off += 1
+            metrics["off_policy_mask_frac"] = off / num_loss_tokens if num_loss_tokens else 0.0
+        return keep
+
+    def kl_term(j, ratio_of):
+        return kl[j] * ratio_of[j] if kl_is_weighted else kl[j]
+
     if loss_type in CLIPPED:
         # ---- 1. clipped-surrogate family: c_t per loss token ------------------------------------------------------
         needs_old = loss_type != "reinforce"
         if needs_old and old is None:
             raise ValueError(f"loss_type={loss_type!r} needs old_logp")
-        lo = None if eps_low in (None, "-") else 1.0 - eps_low
-        hi = None if eps_high in (None, "-") else 1.0 + eps_high
-
-        def log_ratio(x):
-            return torch.clamp(x, -log_ratio_clamp, log_ratio_clamp) if log_ratio_clamp is not None else x
-
-        def ppo_form(ratio, A):                                          # -min(r A, clip(r, lo, hi) A), dual clip
-            c = -torch.minimum(ratio * A, torch.clamp(ratio, min=lo, max=hi) * A)
-            if dual_clip is not None and A < 0:
-                c = torch.minimum(c, -dual_clip * A)
-            return c
 
         if loss_type == "gspo" and not seq_adv:
             raise ValueError("gspo needs sequence-level advantages [B]")
-        c, ratios, low, high, kl_old = {}, [], [], [], []
+        keep = policy_keep(log_ratio)
+        c, ratios, low, high, kl_old, ratio_of = {}, [], [], [], [], {}
         for i, toks in enumerate(seqs):
-            if loss_type in ("gspo", "gspo_token"):
+            seq_level = loss_type in ("gspo", "gspo_token") or (ratio_level == "sequence" and loss_type != "reinforce")
+            if seq_level:
                 if not toks:
                     continue
                 Lam = _add([lp[j] - old[j] for j in toks], zero)           # sum_t m (l - l_old)
@@ -307,7 +354,7 @@ def policy_loss_reference(
                 A = A_of(i, j)
                 if loss_type in ("ppo", "dapo", "dr_grpo", "cispo"):
                     d = log_ratio(lp[j] - old[j])
-                    ratio = torch.exp(d)                                 # rho_t
+                    ratio = s if seq_level else torch.exp(d)             # rho_t, or s_i at ratio_level="sequence"
                     kl_old.append(_val(torch.exp(-d) - 1 + d))
                     if loss_type == "cispo":
                         c[j] = -torch.clamp(ratio, min=lo, max=hi).detach() * A * lp[j]
@@ -319,7 +366,9 @@ def policy_loss_reference(
                     ratio = s
                     c[j] = c_i
                 elif loss_type == "gspo_token":
-                    ratio = s.detach() * torch.exp(lp[j] - lp[j].detach())  # s_it
+                    # s_it; where the clamp binds on s_i, as GSPO's gradient is cut there, so is this one
+                    inside = log_ratio_clamp is None or abs(_val(Lam) / len(toks)) <= log_ratio_clamp
+                    ratio = s.detach() * (torch.exp(lp[j] - lp[j].detach()) if inside else 1.0)
                     c[j] = ppo_form(ratio, A)
                 else:                                                    # reinforce
                     ratio = None
@@ -332,12 +381,18 @@ def policy_loss_reference(
                     if loss_type != "cispo":
                         low.append(lo is not None and _val(ratio) < lo and float(A) < 0)
                         high.append(hi is not None and _val(ratio) > hi and float(A) > 0)
+                if ratio is not None:
+                    ratio_of[j] = ratio
+                elif old is not None:
+                    ratio_of[j] = torch.exp(log_ratio(lp[j] - old[j]))
+                if not keep[j]:
+                    c[j] = 0 * c[j]                                      # the policy-term masks
                 if tw is not None:
                     c[j] = c[j] * tw[j]
                 if is_mode is not None:
                     c[j] = c[j] * w[j]                                   # after clipping, before KL
                 if beta != 0:
-                    c[j] = c[j] + beta * kl[j]
+                    c[j] = c[j] + beta * kl_term(j, ratio_of)
         loss = aggregate(c, zero)
         if loss_type != "reinforce":
             metrics["ratio_mean"] = mean(ratios)
@@ -346,6 +401,10 @@ def policy_loss_reference(
             metrics["clip_frac_low"] = mean([float(b) for b in low])
             metrics["clip_frac_high"] = mean([float(b) for b in high])
             metrics["approx_kl_old"] = mean(kl_old)
+    elif loss_type in ZOO:
+        loss = _zoo(loss_type, seqs, lp, old, w, A_of, zoo, policy_keep(), log_ratio, ppo_form, kl_term, aggregate,
+                    seq_count, metrics, mean, zero, tw, is_mode, beta, lo, hi, eps_low, eps_high, ratio_level,
+                    logp.shape, num_loss_tokens)
     else:
         # ---- 5. squared-regression family ---------------------------------------------------------------------------
         if is_mode is not None:
@@ -378,7 +437,8 @@ def policy_loss_reference(
                 else:                                                    # kimi: group mean reward
                     b = torch.stack([r[(i // G) * G:(i // G + 1) * G].sum() / G for i in range(B)])
             Ls = [(beta2 * Lam[i] - (r[i] - b[i])) ** 2 for i in range(B) if n[i] > 0]
-        loss = _add(Ls, zero) / max(len(Ls), 1)
+        units = len(Ls) if loss_type == "rebel" else seq_count()
+        loss = _add(Ls, zero) / max(units, 1)
         if beta != 0:
             loss = loss + aggregate({j: beta * kl[j] for j in kl}, zero)
 
@@ -401,3 +461,142 @@ def policy_loss_reference(
         metrics["kl_ref_mean"] = mean(kl_vals)
     metrics = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Section 8 of docs/losses.md: the newer policy losses, one token at a time
+# ----------------------------------------------------------------------------------------------------------------------
+
+_ZOO_OPTIONS = {
+    "sapo": ("sapo_tau_pos", "sapo_tau_neg"),
+    "vespo": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+    "dro": ("dro_beta",),
+    "dppo_tv": ("dppo_ratio_cap",),
+    "dppo_kl": ("dppo_ratio_cap",),
+    "clip_cov": ("cov_ratio", "clip_cov_lb", "clip_cov_ub", "generator"),
+    "kl_cov": ("cov_ratio", "kl_cov_coef"),
+}
+_LOG_1E8 = math.log(1e-8)
+
+
+def _clip1(x, lo, hi):
+    return min(max(x, lo), hi)
+
+
+def _zoo(loss_type, seqs, lp, old, w, A_of, zoo, keep, log_ratio, ppo_form, kl_term, aggregate, seq_count, metrics,
+         mean, zero, tw, is_mode, beta, lo, hi, eps_low, eps_high, ratio_level, shape, n_loss):
+    """The loss of one of ``ZOO``: per-token terms (or gmpo's per-sequence ones), weights, masks and KL, aggregated."""
+    if old is None:
+        raise ValueError(f"loss_type={loss_type!r} needs old_logp")
+    flat = [(i, j) for i, toks in enumerate(seqs) for j in toks]
+    chosen = _cov_choice(loss_type, flat, lp, old, A_of, zoo, log_ratio, lo, hi, shape, n_loss)
+    c, ratio_of, ratios, units, masked, phis = {}, {}, [], [], 0, []
+    for i, toks in enumerate(seqs):
+        if not toks:
+            continue
+        s_i = torch.exp(log_ratio(_add([lp[j] - old[j] for j in toks], zero) / len(toks)))
+        if loss_type == "gmpo":
+            terms = []
+            for j in toks:
+                d = log_ratio(lp[j] - old[j])
+                a = float(A_of(i, j))
+                sg = (a > 0) - (a < 0)
+                terms.append(sg * torch.minimum(sg * d, sg * torch.clamp(d, -eps_low, eps_high)))
+            r_i = torch.exp(_add(terms, zero) / len(toks))
+            L = -(math.fsum(float(A_of(i, j)) for j in toks) / len(toks)) * r_i
+            if is_mode is not None:
+                L = L * math.exp(mean([math.log(w[j] + 1e-10) for j in toks]))
+            units.append(L)
+            for j in toks:
+                ratio_of[j] = r_i
+                ratios.append(_val(r_i))
+            continue
+        if loss_type == "vespo":
+            log_w = math.fsum(_clip1(_val(lp[j]) - _val(old[j]), -20.0, 20.0) for j in toks)
+            if is_mode is not None:
+                logs = [_clip1(math.log(w[j]) if w[j] > 0 else -math.inf, _LOG_1E8, 20.0) for j in toks]
+                log_w += logs[0] if is_mode.startswith("sequence") else math.fsum(logs)
+            log_w = _clip1(log_w, _LOG_1E8, 20.0)
+        for j in toks:
+            A = A_of(i, j)
+            a = float(A)
+            rho = torch.exp(log_ratio(lp[j] - old[j]))
+            ratio = s_i if loss_type in ("sapo", "luspo") and ratio_level == "sequence" else rho
+            if loss_type == "sapo":
+                tau = zoo["sapo_tau_pos"] if a > 0 else zoo["sapo_tau_neg"]
+                c[j] = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * A
+            elif loss_type == "luspo":
+                c[j] = ppo_form(ratio, A)
+            elif loss_type == "vespo":
+                k = zoo["vespo_k_pos"] if a >= 0 else zoo["vespo_k_neg"]
+                lam = max(zoo["vespo_lambda_pos"] if a >= 0 else zoo["vespo_lambda_neg"], 1e-4)
+                phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+                phis.append(phi)
+                c[j] = -phi * A * lp[j]
+            elif loss_type == "dro":
+                d = lp[j] - old[j]
+                c[j] = -(A * lp[j] - 0.5 * zoo["dro_beta"] * d * d)
+            elif loss_type in ("dppo_tv", "dppo_kl"):
+                trunc = min(_val(rho), zoo["dppo_ratio_cap"])
+                p, po = math.exp(_val(lp[j])), math.exp(_val(old[j]))
+                if loss_type == "dppo_tv":
+                    ok = p - po <= eps_high if a > 0 else p - po >= -eps_low
+                else:
+                    arg = (1.0 - po + 1e-8) / (1.0 - p + 1e-8)          # NaN (never inside) for p > 1
+                    bkl = po * (_val(old[j]) - _val(lp[j])) + (1 - po) * math.log(arg) if arg > 0 else math.nan
+                    ok = (bkl <= eps_high or p <= po) if a > 0 else (bkl <= eps_low or p >= po)
+                masked += not ok
+                c[j] = -A * trunc * lp[j] if ok else 0 * lp[j]
+            elif loss_type == "clip_cov":
+                c[j] = 0 * lp[j] if j in chosen else ppo_form(rho, A)
+            else:                                                        # kl_cov
+                c[j] = -A * rho + (zoo["kl_cov_coef"] * torch.abs(log_ratio(lp[j] - old[j])) if j in chosen else 0)
+            ratio_of[j] = ratio
+            ratios.append(_val(ratio))
+            if not keep[j]:
+                c[j] = 0 * c[j]
+            if tw is not None:
+                c[j] = c[j] * tw[j]
+            if is_mode is not None and loss_type != "vespo":
+                c[j] = c[j] * w[j]
+            if beta != 0:
+                c[j] = c[j] + beta * kl_term(j, ratio_of)
+    if loss_type == "gmpo":
+        loss = _add(units, zero) / max(seq_count(), 1.0)
+        if beta != 0:
+            loss = loss + aggregate({j: beta * kl_term(j, ratio_of) for _, j in flat}, zero)
+    else:
+        loss = aggregate(c, zero)
+    metrics["ratio_mean"] = mean(ratios)
+    metrics["ratio_min"] = min(ratios) if ratios else 0.0
+    metrics["ratio_max"] = max(ratios) if ratios else 0.0
+    kl_old = [_val(torch.exp(-log_ratio(lp[j] - old[j])) - 1 + log_ratio(lp[j] - old[j])) for _, j in flat]
+    metrics["approx_kl_old"] = mean(kl_old)
+    if loss_type.startswith("dppo"):
+        metrics["dppo_mask_frac"] = masked / n_loss if n_loss else 0.0
+    if loss_type in ("clip_cov", "kl_cov"):
+        metrics[f"{loss_type}_frac"] = len(chosen) / n_loss if n_loss else 0.0
+    if loss_type == "vespo":
+        metrics["vespo_phi_mean"] = mean(phis)
+    return loss
+
+
+def _cov_choice(loss_type, flat, lp, old, A_of, zoo, log_ratio, lo, hi, shape, n_loss):
+    """clip_cov / kl_cov: the flat positions their covariance rule selects (an empty set for the other losses)."""
+    if loss_type not in ("clip_cov", "kl_cov") or not flat:
+        return set()
+    mean_a = math.fsum(float(A_of(i, j)) for i, j in flat) / len(flat)
+    mean_l = math.fsum(_val(lp[j]) for _, j in flat) / len(flat)
+    cov = {j: (float(A_of(i, j)) - mean_a) * (_val(lp[j]) - mean_l) for i, j in flat}
+    k = max(math.floor(zoo["cov_ratio"] * n_loss), 1)
+    if loss_type == "kl_cov":                                            # the k largest covariances
+        return set(sorted(cov, key=lambda j: (-cov[j], j))[:k])
+    u = torch.rand(shape, generator=zoo["generator"], dtype=torch.float32).reshape(-1)
+    cand = []
+    for i, j in flat:
+        a = float(A_of(i, j))
+        r = _val(torch.exp(log_ratio(lp[j] - old[j])))
+        rc = _clip1(r, lo if lo is not None else -math.inf, hi if hi is not None else math.inf)
+        if not (-a * rc > -a * r) and zoo["clip_cov_lb"] < cov[j] < zoo["clip_cov_ub"]:
+            cand.append(j)
+    return set(sorted(cand, key=lambda j: (float(u[j]), j))[:k])

@@ -157,10 +157,10 @@ def test_peer_coverage_reasons():
         assert "entropy" in peer.not_for(CASES["fwd_bwd"])
         assert peer.not_for(CASES["fwd"]) is None and peer.not_for(CASES["loss_gspo"]) is None
     # Liger's GSPO and CISPO settings follow rlcore's presets (its CISPO bound is absolute: 1 + eps_high)
-    from rlcore.losses import _PRESETS
+    from rlcore.losses import LOSSES
 
-    assert liger.options("gspo")["epsilon_low"] == _PRESETS["gspo"].eps_low
-    assert liger.options("cispo")["epsilon_high"] == 1 + _PRESETS["cispo"].eps_high
+    assert liger.options("gspo")["epsilon_low"] == LOSSES["gspo"].default("eps_low")
+    assert liger.options("cispo")["epsilon_high"] == 1 + LOSSES["cispo"].default("eps_high")
 
 
 def test_writes_one_png_per_case(tiny_run):

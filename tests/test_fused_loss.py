@@ -30,7 +30,18 @@ LOSS_KWARGS = {
     "oapl": dict(group_size=2, beta1=0.7, beta2=0.1),
     "kimi": dict(group_size=2, entropy_coef=0.01),
     "rebel": dict(eta=0.5),
+    "sapo": dict(ratio_level="sequence", entropy_coef=0.01),
+    "vespo": dict(is_mode="token_truncate"),
+    "luspo": dict(beta=0.05, off_policy_mask=0.0),
+    "gmpo": dict(is_mode="sequence_mask"),
+    "dro": dict(dro_beta=0.3),
+    "dppo_tv": dict(eps_low=0.05, eps_high=0.05),
+    "dppo_kl": dict(eps_low=0.02, eps_high=0.02, beta=0.1, kl_is_weighted=True),
+    "clip_cov": dict(cov_ratio=0.2, clip_cov_lb=-1.0, clip_cov_ub=1.0),
+    "kl_cov": dict(cov_ratio=0.1, kl_cov_coef=0.5, top_entropy_quantile=0.5),
 }
+# losses whose terms read batch-wide functions of the log-probs: no single pass (auto runs two passes)
+WHOLE_BATCH = ("clip_cov", "kl_cov")
 
 
 def make_batch(B, T, H, V, *, dtype=torch.float64, packed=False, bias=True, seed=0, ignore=True):
@@ -71,6 +82,8 @@ def make_batch(B, T, H, V, *, dtype=torch.float64, packed=False, bias=True, seed
 
 def loss_args(batch, loss_type):
     args = dict(LOSS_KWARGS[loss_type], loss_type=loss_type)
+    if loss_type == "clip_cov":
+        args["generator"] = torch.Generator().manual_seed(0)      # the same random choice in every call
     for k in ("old_logp", "ref_logp", "sampler_logp", "cu_seqlens"):
         if k in batch:
             args[k] = batch[k]
@@ -126,6 +139,10 @@ def test_fused_matches_float64_composition(loss_type, strategy, layout):
     rounding. ``chunk_budget`` of 2 sequences' worth of logits forces several single-pass slices."""
     B, T, H, V = 6, 7, 12, 37
     batch = make_batch(B, T, H, V, packed=layout == "packed", seed=3)
+    if strategy == "single_pass" and loss_type in WHOLE_BATCH:
+        with pytest.raises(ValueError, match="single_pass"):
+            fused(batch, loss_type, strategy=strategy, backend="torch")
+        strategy = "auto"                                             # which must then run two passes
     truth, want = ground_truth(batch, loss_type)
     out, got = fused(batch, loss_type, strategy=strategy, backend="torch", chunk_budget=2 * T * V,
                      compute_entropy=True)
@@ -173,7 +190,7 @@ def test_fused_property(B, T, H, V, loss_type, packed, temperature, budget_seqs,
         B = 2 * ((B + 1) // 2)
     batch = make_batch(B, T, H, V, packed=packed, seed=seed)
     _, want = ground_truth(batch, loss_type, temperature=temperature)
-    for strategy in ("two_pass", "single_pass"):
+    for strategy in ("two_pass", "auto" if loss_type in WHOLE_BATCH else "single_pass"):
         _, got = fused(batch, loss_type, strategy=strategy, backend="torch", temperature=temperature,
                        chunk_budget=budget_seqs * T * V)
         assert_close(got, want, 1e-9, f"{loss_type} {strategy}")

@@ -27,8 +27,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rlcore import policy_loss, vstar
-from rlcore.loss_reference import (AGGS, CLIPPED, IS_MODES, KL_ESTIMATORS, LOSS_TYPES, PPO_FORMS, REGRESSION,
+from rlcore.loss_reference import (AGGS, CLIPPED, IS_MODES, KL_ESTIMATORS, PPO_FORMS, REGRESSION,
                                    policy_loss_reference, vstar_reference)
+
+LOSS_TYPES = CLIPPED + REGRESSION     # the losses of sections 1-5 (the newer ones: tests/test_loss_zoo.py)
 
 F64 = torch.float64
 RTOL = 1e-10
@@ -476,7 +478,7 @@ def test_grid_batch_exercises_every_branch():
 def test_clipped_family(loss_type, agg, is_mode):
     """Every clipped loss x aggregation x mismatch mode; token-level advantages (per sequence for gspo)."""
     kw = dict(agg=agg, is_mode=is_mode)
-    if agg == "constant":
+    if agg in ("constant", "seq-mean-token-sum-norm"):
         kw["agg_constant"] = 7.0
     check_against_reference(GRID_BATCH, loss_type, **kw)
 
@@ -500,7 +502,7 @@ def test_regression_family(loss_type, variant, agg):
         kw.update(baseline=GRID_BATCH.baseline, group_size=None)
     else:
         kw.update(spec)
-    if agg == "constant":
+    if agg in ("constant", "seq-mean-token-sum-norm"):
         kw["agg_constant"] = 7.0
     check_against_reference(GRID_BATCH, loss_type, **kw)
 
@@ -544,7 +546,7 @@ def test_kl_clamp_keeps_an_extreme_log_ratio_finite():
 @pytest.mark.parametrize("loss_type", ("ppo", "gspo", "cispo", "apo", "rebel"))
 def test_entropy_bonus(loss_type, agg):
     kw = dict(agg=agg, entropy_coef=0.03)
-    if agg == "constant":
+    if agg in ("constant", "seq-mean-token-sum-norm"):
         kw["agg_constant"] = 5.0
     check_against_reference(GRID_BATCH, loss_type, **kw)
 
@@ -591,7 +593,7 @@ FEATURES = {
     "ppo-mask-None": ("ppo", dict(mask=None)),
     "gspo-mask-None": ("gspo", dict(mask=None)),
     "kimi-mask-None": ("kimi", dict(mask=None, beta=0.1)),
-    "apo-beta2-0.01-beta1-ignored": ("apo", dict(beta2=0.01, beta1=7.0)),
+    "apo-beta2-0.01": ("apo", dict(beta2=0.01)),
     "oapl-beta2-0.1": ("oapl", dict(beta2=0.1)),
     "kimi-beta2-0.05": ("kimi", dict(beta2=0.05)),
     "oapl-group1": ("oapl", dict(group_size=1)),
@@ -697,7 +699,7 @@ def batches(draw, even=False, all_masked=False):
 def loss_options(draw, loss_type):
     """Random options valid for ``loss_type``."""
     kw = dict(agg=draw(st.sampled_from(AGGS)))
-    if kw["agg"] == "constant":
+    if kw["agg"] in ("constant", "seq-mean-token-sum-norm"):
         kw["agg_constant"] = draw(st.sampled_from([1.0, 6.0]))
     if draw(st.booleans()):
         kw.update(beta=draw(st.sampled_from([0.05, -0.1])), kl_estimator=draw(st.sampled_from(KL_ESTIMATORS)),
@@ -941,7 +943,8 @@ BAD = {
                                             **({"advantages": _r2} if lt == "gspo" else {})), "old_logp")
        for lt in CLIPPED_WITH_OLD},
     **{f"{lt}-without-rewards": (_bad_args(loss_type=lt, advantages=None, ref_logp=_lp, sampler_logp=_lp,
-                                           baseline=_r2, group_size=2), "rewards")
+                                           baseline=_r2, **({"group_size": 2} if lt in ("oapl", "kimi") else {})),
+                                 "rewards")
        for lt in REGRESSION},
     "apo-without-baseline": (_bad_args(loss_type="apo", advantages=None, ref_logp=_lp, rewards=_r2), "baseline"),
     "apo-without-ref_logp": (_bad_args(loss_type="apo", advantages=None, rewards=_r2, baseline=_r2), "ref_logp"),
@@ -964,6 +967,9 @@ BAD = {
     "dr_grpo-without-agg_constant": (_bad_args(loss_type="dr_grpo"), "agg_constant"),
     "agg_constant-zero": (_bad_args(agg="constant", agg_constant=0.0), "agg_constant"),
     "beta-without-ref_logp": (_bad_args(beta=0.1), "ref_logp"),
+    # an option the loss does not take is an error, never silently ignored (apo's V* is computed offline)
+    "apo-does-not-take-beta1": (_bad_args(loss_type="apo", advantages=None, ref_logp=_lp, rewards=_r2, baseline=_r2,
+                                          beta1=7.0), "beta1"),
 }
 
 

@@ -280,7 +280,7 @@ def test_torchrun_two_gloo_ranks(tmp_path, parallel):
 def test_every_algorithm_trains_end_to_end(tmp_path, algo):
     """Each algorithm runs SFT, its set-up (A*PO's offline V*, OAPL's lagged sampler) and RL steps with finite
     metrics; the clipped ones also with the sampler-log-prob correction."""
-    extra = dict(is_mode="token_truncate") if ALGORITHMS[algo].family == "clip" else {}
+    extra = dict(is_mode="token_truncate") if ALGORITHMS[algo].family == "clipped" else {}
     cfg = tiny(tmp_path, algo=algo, sft_steps=10, steps=2, eval_every=2, group_size=None, prompts_per_step=4,
                reward="tests.test_trainer:length_reward", **extra)
     history = Trainer(cfg).run()
@@ -291,7 +291,7 @@ def test_every_algorithm_trains_end_to_end(tmp_path, algo):
     # the sampler is the policy (to fp32 rounding) wherever it was synced at the step's start; OAPL's lags behind
     assert history[1]["mismatch_abs_max"] < 1e-4
     assert (history[2]["mismatch_abs_max"] > 1e-3) == (algo == "oapl")
-    if ALGORITHMS[algo].family == "clip":
+    if ALGORITHMS[algo].family == "clipped":
         assert "is_weight_mean" in history[1]
     assert (tmp_path / "run" / "checkpoint.pt").exists()
 

@@ -24,39 +24,52 @@ __all__ = ["AlgoSpec", "ALGORITHMS", "group_advantages", "loss_kwargs", "offline
 
 @dataclass(frozen=True)
 class AlgoSpec:
-    """One algorithm. ``advantage``: ``"normalized"`` ``(r - mean_g) / (std_g + 1e-6)``, ``"centered"``
-    ``r - mean_g`` (Dr. GRPO: no std division) or ``None`` (the regression family takes rewards, not advantages).
-    ``anchor``: for the regression family, which log-probs ``Lam_i`` is measured against."""
+    """One algorithm: an rlcore loss (``rlcore.LOSSES[loss_type]``, which holds its family, anchor and option
+    defaults) and what only the trainer decides. ``advantage``: ``"normalized"`` ``(r - mean_g) / (std_g + 1e-6)``,
+    ``"centered"`` ``r - mean_g`` (Dr. GRPO: no std division) or ``None`` (the regression family takes rewards, not
+    advantages)."""
 
     loss_type: str
-    family: str                       # "clip" or "regression"
     group_size: int                   # default samples per prompt
     prompts: int                      # default prompts per step
     lr: float                         # default learning rate (tuned on the demo's tiny model)
     advantage: Optional[str] = None
-    agg: Optional[str] = None         # None: the loss type's preset
-    anchor: Optional[str] = None      # "ref" (apo), "sampler" (oapl), "old" (kimi, rebel)
+    agg: Optional[str] = None         # None: the loss's default
     drop_flat_groups: bool = False    # DAPO's dynamic sampling: a group whose rewards are all equal teaches nothing
-    beta2: Optional[float] = None     # None: the loss type's preset
+
+    @property
+    def loss(self) -> rlcore.LossSpec:
+        return rlcore.LOSSES[self.loss_type]
+
+    @property
+    def family(self) -> str:
+        """``"clipped"`` or ``"regression"`` (the registry's)."""
+        return self.loss.family
+
+    @property
+    def anchor(self) -> Optional[str]:
+        """Regression: the log-probs ``Lam_i`` is measured against (``"ref_logp"``, ``"sampler_logp"``,
+        ``"old_logp"``; the registry's)."""
+        return self.loss.anchor
 
     @property
     def grouped(self) -> bool:
         """Does the algorithm compare samples of the same prompt (so needs ``group_size >= 2``)?"""
-        return self.advantage is not None or self.anchor in ("sampler", "old")
+        return self.advantage is not None or self.anchor in ("sampler_logp", "old_logp")
 
 
 ALGORITHMS: Dict[str, AlgoSpec] = {
     # the clipped family, group advantages
-    "grpo": AlgoSpec("ppo", "clip", 8, 32, 3e-4, "normalized", agg="seq-mean-token-mean"),
-    "dapo": AlgoSpec("dapo", "clip", 8, 32, 3e-4, "normalized", drop_flat_groups=True),
-    "dr_grpo": AlgoSpec("dr_grpo", "clip", 8, 32, 3e-4, "centered"),
-    "gspo": AlgoSpec("gspo", "clip", 8, 32, 3e-4, "normalized"),
-    "cispo": AlgoSpec("cispo", "clip", 8, 32, 3e-4, "normalized"),
+    "grpo": AlgoSpec("ppo", 8, 32, 3e-4, "normalized", agg="seq-mean-token-mean"),
+    "dapo": AlgoSpec("dapo", 8, 32, 3e-4, "normalized", drop_flat_groups=True),
+    "dr_grpo": AlgoSpec("dr_grpo", 8, 32, 3e-4, "centered"),
+    "gspo": AlgoSpec("gspo", 8, 32, 3e-4, "normalized"),
+    "cispo": AlgoSpec("cispo", 8, 32, 3e-4, "normalized"),
     # the squared-regression family
-    "apo": AlgoSpec("apo", "regression", 1, 64, 5e-4, anchor="ref"),
-    "oapl": AlgoSpec("oapl", "regression", 8, 32, 3e-4, anchor="sampler"),
-    "kimi": AlgoSpec("kimi", "regression", 8, 32, 3e-4, anchor="old"),
-    "rebel": AlgoSpec("rebel", "regression", 2, 64, 3e-4, anchor="old"),
+    "apo": AlgoSpec("apo", 1, 64, 5e-4),
+    "oapl": AlgoSpec("oapl", 8, 32, 3e-4),
+    "kimi": AlgoSpec("kimi", 8, 32, 3e-4),
+    "rebel": AlgoSpec("rebel", 2, 64, 3e-4),
 }
 
 
@@ -92,7 +105,7 @@ def loss_kwargs(cfg, rewards: torch.Tensor, old_logp: torch.Tensor, sampler_logp
         kw["agg"] = spec.agg
     if spec.loss_type == "dr_grpo":
         kw["agg_constant"] = float(max_completion)
-    if spec.family == "clip":
+    if spec.family == "clipped":
         kw["advantages"] = group_advantages(rewards, cfg.group, spec.advantage)
         kw["old_logp"] = old_logp
         for name in ("eps_low", "eps_high"):
@@ -105,17 +118,17 @@ def loss_kwargs(cfg, rewards: torch.Tensor, old_logp: torch.Tensor, sampler_logp
         return kw
     kw["advantages"] = None
     kw["rewards"] = rewards
-    beta2 = cfg.beta2 if cfg.beta2 is not None else spec.beta2
-    if beta2 is not None:
-        kw["beta2"] = beta2
-    if spec.anchor == "ref":
-        kw.update(ref_logp=ref_logp, baseline=baseline)
-    elif spec.anchor == "sampler":
-        kw.update(sampler_logp=sampler_logp, group_size=cfg.group, beta1=cfg.beta1)
-    elif spec.loss_type == "kimi":
-        kw.update(old_logp=old_logp, group_size=cfg.group)
-    else:                                                              # rebel
-        kw.update(old_logp=old_logp, eta=cfg.eta)
+    if cfg.beta2 is not None:
+        kw["beta2"] = cfg.beta2
+    kw[spec.anchor] = {"ref_logp": ref_logp, "sampler_logp": sampler_logp, "old_logp": old_logp}[spec.anchor]
+    if spec.loss_type == "apo":
+        kw["baseline"] = baseline
+    if "group_size" in spec.loss.options:
+        kw["group_size"] = cfg.group
+    if "beta1" in spec.loss.options:
+        kw["beta1"] = cfg.beta1
+    if "eta" in spec.loss.options:
+        kw["eta"] = cfg.eta
     return kw
 
 

@@ -160,7 +160,7 @@ class Trainer:
     def _start_rl(self) -> None:
         """After the warm-up: the frozen reference (A*PO, or a KL term), A*PO's offline V*, the RL optimizer."""
         cfg = self.cfg
-        if self.spec.anchor == "ref" or cfg.beta:
+        if self.spec.anchor == "ref_logp" or cfg.beta:
             self._make_ref(self._full_policy_state())
         if cfg.algo == "apo":
             self._apo_offline()
