@@ -42,7 +42,7 @@ import torch
 from . import chunked
 from .kernels.common import is_interpreter
 
-__all__ = ["linear_divergence", "linear_divergence_reference", "teacher_topk", "KINDS", "BACKENDS", "chunked_divergence_fwd",
+__all__ = ["linear_divergence", "linear_divergence_reference", "teacher_topk", "opd_advantages", "KINDS", "BACKENDS", "chunked_divergence_fwd",
            "chunked_divergence_bwd", "combine"]
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
@@ -358,6 +358,29 @@ def _topk_divergence(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temp
           for h, w, b in ((hs, ws, bs), (ht, wt, bt))]
     ls, lt = (x.log_softmax(-1) for x in lp)                                         # renormalised on the support
     return torch.where(valid, _divergence_from_logprobs(ls, lt, kind, beta), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# On-policy distillation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def opd_advantages(logp: torch.Tensor, teacher_logp: torch.Tensor, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token advantages of on-policy distillation, ``A_t = sg(r_t - b_t)``, for ``rlcore.policy_loss(logp, A,
+    mask, loss_type="reinforce")``, whose ``c_t = -A_t l_t`` is then the OPD term ``-sg(r_t - b_t) l_t``.
+
+    ``r_t = log pi_T(y_t) - log pi_S(y_t)`` (``teacher_logp - logp``, both ``[...]``, e.g. from ``linear_logprobs``);
+    ``b_t = -kl``: the vOPD control variate, ``kl`` the per-token reverse KL ``KL(p_S || p_T)`` from
+    ``linear_divergence`` (full vocabulary, or ``top_k``); ``None``: no baseline. Everything is detached: the
+    baseline's expectation under the student is 0, so it lowers the variance without biasing the gradient.
+    """
+    if not isinstance(logp, torch.Tensor) or not isinstance(teacher_logp, torch.Tensor):
+        raise TypeError("logp and teacher_logp must be tensors")
+    if teacher_logp.shape != logp.shape or (kl is not None and kl.shape != logp.shape):
+        raise ValueError(f"teacher_logp and kl must have logp's shape {tuple(logp.shape)}, got "
+                         f"{tuple(teacher_logp.shape)} and {None if kl is None else tuple(kl.shape)}")
+    adv = teacher_logp.detach() - logp.detach()
+    return adv if kl is None else adv + kl.detach().to(adv.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
