@@ -238,9 +238,10 @@ def _dz_kernel(
 # Two logit tiles live at once (and, in the JSD and backward, their log-probabilities), so the tiles are smaller than
 # the single-head kernel's. Every entry is compiled for sm_80 and sm_90 by tests/test_divergence_compile.py, which
 # also rejects register spills: 64x128x64 (8 warps) and 64x64x64 (4) half tiles spill on sm_80 (12 and 144 bytes),
-# as do 64x64x32 FP32 tiles under 3xTF32 (204). The first entry of each list is the default.
+# as do 64x64x32 FP32 tiles under 3xTF32 (204) and, in the JSD pass on sm_90, 64x64x32 half tiles (8). The first
+# entry of each list is the default.
 FWD_CONFIGS = {
-    "half": [KernelConfig(64, 128, 32, num_warps=8, num_stages=3), KernelConfig(64, 64, 32, num_warps=4, num_stages=3)],
+    "half": [KernelConfig(64, 128, 32, num_warps=8, num_stages=3), KernelConfig(32, 64, 64, num_warps=4, num_stages=3)],
     "fp32": [KernelConfig(64, 64, 16, num_warps=8, num_stages=3), KernelConfig(32, 64, 32, num_warps=4, num_stages=3)],
 }
 DZ_CONFIGS = FWD_CONFIGS   # the same two-tile GEMMs, without the vocabulary loop
