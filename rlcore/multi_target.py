@@ -150,7 +150,9 @@ def multi_target_logprobs(hidden, weight, bias, targets, temperature: float, ign
     z = gathered_logits(hidden, weight, bias, safe, 1.0 / temperature)              # [N, K], no gradient
     col = torch.where(valid, z, float("-inf")).argmax(1, keepdim=True)               # [N, 1]: the row's base slot
     base = safe.gather(1, col)[:, 0]                                                 # [N]
-    logp_b, ent, _ = _linear_logprobs_op(hidden, weight, bias, torch.where(valid.any(1), base, ignore_index),
+    rows = valid.any(1)
+    hidden = torch.where(rows[:, None], hidden, 0.0)   # rows with no valid id: zeros, so a NaN there reaches no dW
+    logp_b, ent, _ = _linear_logprobs_op(hidden, weight, bias, torch.where(rows, base, ignore_index),
                                          temperature, ignore_index, precision, backend, False)
     gaps = _logit_gaps_op(hidden, weight, bias, safe, base, valid, 1.0 / temperature)  # [N, K]
     logp = torch.where(torch.isneginf(z), float("-inf"), gaps + logp_b[:, None])      # masked vocabulary: -inf
