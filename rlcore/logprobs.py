@@ -337,7 +337,8 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
 
 def _is_multi_target(hidden, targets) -> bool:
     """``targets [..., K]`` (as many dimensions as ``hidden [..., H]``): several ids per position."""
-    return isinstance(hidden, torch.Tensor) and isinstance(targets, torch.Tensor) and targets.dim() == hidden.dim()
+    return (isinstance(hidden, torch.Tensor) and isinstance(targets, torch.Tensor) and hidden.dim() >= 1
+            and targets.dim() == hidden.dim())
 
 
 def _linear_logprobs_multi(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, precision,
