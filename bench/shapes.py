@@ -40,14 +40,13 @@ SHAPES: dict[str, Shape] = {s.name: s for s in (
 # Token counts N per (device type, quick), and per case where they differ: 1k to 64k tokens on GPU, where a provider
 # that would not fit (the materialised reference at 64k x 128k-262k logits) is skipped with the memory it needs.
 # - CPU: 0.2-0.4 TFLOP/s on the 2 cores of the dev box, so one cpu-small fwd_bwd call at N = 8192 is seconds of bare
-#   GEMMs and the full run stops at 16k. --quick keeps one large group, fwd_bwd at N = 8192 (where the [N, V] logits
-#   cost gigabytes), runs fwd at 1024 only, and each policy loss at 2048 (4 sequences of 512 tokens: see
-#   bench.cases.loss_layout).
+#   GEMMs and the full run stops at 16k. --quick runs every case at N = 1024 only (the policy losses as 4 sequences
+#   of 256 tokens: see bench.cases.loss_layout): a few minutes and under 2 GB of memory on a 2-core CPU. N = 8192,
+#   where the materialised reference's [N, V] logits and their gradient cost 5 GB, is in the full run only.
 # - GPU: bf16 RL micro-batches, 1k-64k tokens.
 _LOSS_CASES = ("loss_gspo", "loss_cispo", "loss_apo")
 _TOKENS = {
-    ("cpu", True): {"fwd": (1024,), "fwd_bwd": (1024, 8192), **{c: (2048,) for c in _LOSS_CASES},
-                    "distill": (1024, 8192)},
+    ("cpu", True): (1024,),
     ("cpu", False): {"fwd": (1024, 4096, 16384), "fwd_bwd": (1024, 4096, 8192, 16384),
                      **{c: (2048, 8192) for c in _LOSS_CASES}, "distill": (1024, 8192)},
     ("cuda", True): (4096, 16384),

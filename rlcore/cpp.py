@@ -10,9 +10,15 @@ the first time a process uses the backend; the result is cached on disk and reus
 - Sources: ``rlcore/csrc`` (the symlink ``rlcore/csrc -> ../csrc``, shipped in the wheel as package data), copied
   into the build folder, so a checkout and an install of the same version share one binary.
 - Cache: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a folder named after rlcore's and
-  torch's versions, Python's, and a fingerprint of the CPU, so a cache shared between machines or upgrades never
-  loads a binary built for another; ``cpp_extension`` rebuilds when the sources or flags change, and its lock file
-  serialises processes that build at the same time.
+  torch's versions, Python's, a hash of torch's install path and a fingerprint of the CPU, so a cache shared between
+  machines, upgrades or virtual environments never loads (or rebuilds over) a binary built for another;
+  ``cpp_extension`` rebuilds when the sources or flags change.
+- Lock: a build runs under an OS file lock (``filelock``, a torch dependency) on ``rlcore.lock`` in that folder.
+  The kernel releases it when its holder dies, so a build killed by a timeout, Ctrl-C or the OOM killer never
+  blocks a later process. Whoever holds it removes the lock file a killed ``cpp_extension`` build leaves behind
+  (``lock``, on which ``cpp_extension`` itself would wait forever). A process waits at most
+  ``$RLCORE_CPP_BUILD_TIMEOUT`` seconds (default 300) for another's build, then runs the chunked path with the
+  notice below.
 - Unavailable (no compiler, no ninja, a failed build): the chunked PyTorch path runs instead, after a one-line
   ``RuntimeWarning`` on first use; never an error. ``RLCORE_CPP=0`` turns the backend off without a notice.
   The choice is made where the op runs (its CPU kernel calls ``linear_logprobs_fwd`` / ``_bwd`` below), never
@@ -52,6 +58,7 @@ _SOURCE = "linear_logprobs_cpu.cpp"
 # position's only (or dominant) entry is exactly 0; a multiply-add fused into ((acc + b) / T - lse) would not be.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
+_BUILD_TIMEOUT_S = 300.0
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _reason: Optional[str] = None
@@ -87,22 +94,70 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha1(f"{platform.machine()}|{platform.processor()}|{info}".encode()).hexdigest()[:12]
 
 
+def _torch_install() -> str:
+    """A short hash of where this torch is installed: two virtual environments with the same versions hold two
+    torches (and link the binary against their own libraries), so they get two cache folders."""
+    return hashlib.sha1(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+
+
 def _build_directory() -> Path:
     from . import __version__
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    tag = (f"rlcore-{__version__}-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-"
-           f"{_cpu_fingerprint()}").replace("+", "_")
+    tag = (f"rlcore-{__version__}-torch{torch.__version__}-{_torch_install()}-py{sys.version_info.major}"
+           f"{sys.version_info.minor}-{_cpu_fingerprint()}").replace("+", "_")
     return root / tag
 
 
+def _build_timeout() -> float:
+    """Seconds to wait for another process's build: ``$RLCORE_CPP_BUILD_TIMEOUT`` (a number >= 0), default 300."""
+    text = os.environ.get("RLCORE_CPP_BUILD_TIMEOUT")
+    if text is None:
+        return _BUILD_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"RLCORE_CPP_BUILD_TIMEOUT must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+class BuildWaitTimeout(RuntimeError):
+    """Another process held the build lock for longer than the bound."""
+
+
+def _clear_killed_build(build_dir: Path) -> None:
+    """Remove the ``lock`` file of a ``cpp_extension`` build that was killed (only called with the file lock held:
+    every build of this folder runs under it, so no live build can own that file)."""
+    baton = build_dir / "lock"
+    try:
+        baton.unlink()
+    except FileNotFoundError:
+        return
+    warnings.warn(f"rlcore: removed {baton}, left by a build of the compiled CPU backend that was killed; "
+                  "rebuilding", RuntimeWarning, stacklevel=4)
+
+
 def _build() -> ModuleType:
+    from filelock import FileLock, Timeout
     from torch.utils import cpp_extension
 
     build_dir = _build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name="rlcore_cpu", sources=_staged_sources(build_dir), extra_cflags=_FLAGS,
-                              extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    timeout = _build_timeout()
+    lock = FileLock(str(build_dir / "rlcore.lock"))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise BuildWaitTimeout(f"another process has held the build lock for over {timeout:g} s "
+                               f"(RLCORE_CPP_BUILD_TIMEOUT): {lock.lock_file}") from None
+    try:
+        _clear_killed_build(build_dir)
+        return cpp_extension.load(name="rlcore_cpu", sources=_staged_sources(build_dir), extra_cflags=_FLAGS,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    finally:
+        lock.release()
 
 
 def _one_line(err: BaseException) -> str:
@@ -135,7 +190,10 @@ def load() -> Optional[ModuleType]:
 
 
 def available() -> bool:
-    """Whether ``backend="cpp"`` runs the compiled kernels in this process (builds them on the first call)."""
+    """Whether ``backend="cpp"`` runs the compiled kernels in this process (builds them on the first call).
+
+    Not for traced code (it takes a lock, and may build): the op decides where it runs, and
+    ``fused_policy_loss`` does not ask while ``torch.compile`` traces."""
     return load() is not None
 
 

@@ -16,7 +16,8 @@ Two strategies compute the same loss and gradients as ``policy_loss(linear_logpr
     sequence's loss tokens times V fit ``chunk_budget`` elements. Chunked PyTorch (the CPU backend's math).
 
 ``strategy="auto"`` picks ``single_pass`` on the chunked PyTorch backend when the sequences fit the budget (measured
-faster there, see ``bench/results``), else ``two_pass``. With ``backend="auto"`` on CPU that means ``two_pass`` on the
+faster there, see ``bench/results``), else ``two_pass``; under ``torch.compile`` and for ``meta`` inputs it is
+``two_pass`` (the choice reads the mask, which a traced graph cannot branch on and a meta tensor does not hold). With ``backend="auto"`` on CPU that means ``two_pass`` on the
 compiled backend (measured 0.59x the chunked single pass), and the chunked single pass only where the extension
 cannot be built. Both skip the rows that no loss term reads (prompt, padding,
 tool and observation tokens): on CPU they are dropped before any GEMM; on CUDA their targets become
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.compiler import is_compiling as compiling
 
 from . import chunked, cpp, distributed
 from .logprobs import _check_inputs, _check_target_range, linear_logprobs
@@ -102,8 +104,11 @@ def fused_policy_loss(
         weight, bias = distributed.local_head(weight, bias, process_group)
     resolved_backend = distributed.agreed(process_group, _check_inputs, hidden, weight, targets, bias, temperature,
                                           ignore_index, precision, backend)
-    if backend == "auto" and resolved_backend == "cpp" and (strategy == "single_pass" or not cpp.available()):
-        resolved_backend = "torch"   # the single pass is chunked PyTorch, which "auto" keeps without the extension
+    # the single pass is chunked PyTorch, which "auto" keeps without the extension. Not asked while torch.compile
+    # traces (cpp.available() takes a lock and may build): the cpp op itself runs the chunked path without it.
+    if backend == "auto" and resolved_backend == "cpp" and (
+            strategy == "single_pass" or (not compiling() and not cpp.available())):
+        resolved_backend = "torch"
     packed = cu_seqlens is not None
     if hidden.dim() != (2 if packed else 3):
         raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] with cu_seqlens (packed), got shape "
@@ -130,11 +135,16 @@ def fused_policy_loss(
         strategy = "two_pass"
     if strategy == "auto":
         strategy = "two_pass"
-        if resolved_backend == "torch" and _single_pass_refusal(spec, opts) is None:
+        # under torch.compile the choice would read the mask (a data-dependent branch): two_pass, which traces
+        if (resolved_backend == "torch" and _single_pass_refusal(spec, opts) is None and not compiling()
+                and hidden.device.type != "meta"):
             budget = CHUNK_BUDGET if chunk_budget is None else chunk_budget
             if _longest_unit(loss_mask, cu_seqlens, spec) * weight.shape[0] <= budget:
                 strategy = "single_pass"
     elif strategy == "single_pass":
+        if hidden.device.type == "meta":
+            raise ValueError("strategy='single_pass' reads the mask's values to slice the batch, and meta tensors "
+                             "have none; use strategy='two_pass' or 'auto' for a shape-only run")
         if resolved_backend != "torch":
             raise ValueError("strategy='single_pass' runs on the chunked PyTorch backend; use backend='torch' "
                              "(or strategy='two_pass' for the Triton kernels)")
@@ -146,8 +156,8 @@ def fused_policy_loss(
         logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
         return policy_loss(logp, advantages, loss_mask, cu_seqlens=cu_seqlens, entropy=ent, loss_type=loss_type,
                            check_inputs=check_inputs, **inputs, **loss_kwargs)
-    if check_targets:
-        _check_target_range(targets, weight.shape[0], ignore_index)
+    if check_targets:   # the loss rows only: like the two-pass strategy, no other row's target is ever read
+        _check_target_range(torch.where(loss_mask, targets, ignore_index), weight.shape[0], ignore_index, bias)
     return _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head,
                         CHUNK_BUDGET if chunk_budget is None else int(chunk_budget), spec, opts,
                         dict(inputs, check_inputs=check_inputs))

@@ -72,13 +72,23 @@ def launched_modes():
     return list(modes)
 
 
-def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Raise on ids outside ``[0, V)`` that are not ``ignore_index``; runs before any kernel reads through them.
+def _check_target_range(targets: torch.Tensor, V: int, ignore_index: int,
+                        bias: Optional[torch.Tensor] = None) -> None:
+    """Raise on ids outside ``[0, V)`` that are not ``ignore_index``, and on a ``bias`` that is ``-inf`` for every
+    entry (no token could have probability > 0: the log-probs would be NaN); runs before any kernel.
 
-    This is the one host sync of the op (it has to be, to raise): a single reduction over ``[N]`` ids.
+    This is the one host sync of the op (it has to be, to raise): a reduction over ``[N]`` ids (and ``[V]`` bias
+    entries), read back together.
     """
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
+    any_bad = bad.any()
+    if bias is not None and targets.numel():
+        none_finite = torch.isneginf(bias).all()
+        any_bad, none_finite = torch.stack([any_bad, none_finite]).tolist()
+        if none_finite:
+            raise ValueError("bias is -inf for every vocabulary entry: no token can have probability > 0 (a -inf "
+                             "bias masks an entry; at least one must stay finite)")
+    if bool(any_bad):
         first = targets[bad][0].item()
         raise ValueError(
             f"targets: id {first} is outside [0, {V}) (V = weight.shape[0]) and is not ignore_index={ignore_index}"
@@ -106,7 +116,7 @@ def _forward(hidden, weight, bias, targets, temperature, ignore_index, check_tar
         return hidden.new_empty((0,), dtype=dtype), hidden.new_empty((0,), dtype=dtype), hidden.new_empty(
             (2, 0), dtype=dtype)
     if check_targets:
-        _check_target_range(targets, V, ignore_index)
+        _check_target_range(targets, V, ignore_index, bias)
     lse, ent, zt = fwd(hidden, weight, bias, targets, 1.0 / temperature)
     valid = targets != ignore_index
     logp = torch.where(valid, zt - lse, 0.0)
@@ -251,6 +261,19 @@ def _backward(ctx, grad_logp, grad_ent, _grad_stats):
 torch.library.register_autograd("rlcore::linear_logprobs", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "rlcore.linear_logprobs has no second derivative: its backward is a fused kernel, so the gradient it "
+        "returns (under create_graph=True) cannot be differentiated again. For higher-order gradients use the "
+        "materialised rlcore.reference.linear_logprobs_reference")
+
+
+# The backward op's own autograd formula: a clear error at a double backward, instead of PyTorch's registration
+# message from deep inside the op. First-order gradients (with or without create_graph) never call it.
+torch.library.register_autograd("rlcore::linear_logprobs_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------------------
@@ -295,10 +318,15 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}; inputs must share a device")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0 and 1.0 / temperature < _FP32_MAX):
+    # comparisons only (NaN fails the first): under torch.compile(dynamic=True) a temperature argument is a traced
+    # SymFloat, which math.isfinite cannot take; these become value-range guards, not one graph per value
+    if not (temperature > 0 and temperature < math.inf and 1.0 / temperature < _FP32_MAX):
         raise ValueError(f"temperature must be finite and > 0 (and 1/temperature finite in float32), got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (target ids are integers of at most 64 bits), got "
+                         f"{ignore_index}")
     fp64 = torch.float64 in (hidden.dtype, weight.dtype)
     if not fp64:
         allowed = {(h, w): precisions for h, w, precisions in _dtype_pairs()}
@@ -381,7 +409,9 @@ def linear_logprobs(
         entropy = -(softmax(logits) * log_softmax(logits)).sum(-1)
 
     streaming the vocabulary in tiles with an online log-sum-exp, in FP32, so no ``[N, V]`` tensor exists in forward
-    or backward. Differentiable in ``hidden``, ``weight`` and ``bias``, through both outputs.
+    or backward. Differentiable in ``hidden``, ``weight`` and ``bias``, through both outputs, once: a double
+    backward (differentiating the gradient) raises ``RuntimeError``. ``meta`` inputs give ``meta`` outputs of the
+    right shapes (no check that reads values runs).
 
     Args:
         hidden: ``[..., H]`` final hidden states (bf16, fp16, fp32; float64 on the torch backend).
@@ -400,8 +430,9 @@ def linear_logprobs(
             for float64 or when the extension cannot be built), ``"triton"``, ``"torch"`` (chunked PyTorch, any
             device) or ``"cpp"`` (CPU; built on first use, see ``rlcore.cpp``; falls back to ``"torch"`` with a
             one-line notice when it cannot be built).
-        check_targets: raise ``ValueError`` on an id outside ``[0, V)`` that is not ``ignore_index``. This is the
-            op's one host sync; ``False`` skips it (e.g. under CUDA graphs). Unchecked bad ids never read out of
+        check_targets: raise ``ValueError`` on an id outside ``[0, V)`` that is not ``ignore_index``, and on a
+            ``bias`` that is ``-inf`` for every entry (the log-probs would be NaN). This is the op's one host sync;
+            ``False`` skips it (e.g. under CUDA graphs). Unchecked bad ids never read out of
             bounds (the kernels compare ids, they do not index with them) but give meaningless log-probs.
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor parallelism):
             ``weight`` and ``bias`` are this rank's contiguous rows, in group-rank order, of any size; ``hidden`` and
@@ -433,11 +464,13 @@ def linear_logprobs(
         backend, layout = distributed.shard_layout(process_group, _check_inputs, *check)
     h2 = hidden.reshape(targets.numel(), hidden.shape[-1])   # [N, H]
     t1 = targets.reshape(-1)                                 # [N]
+    # a traced SymFloat stays symbolic (float() would specialise the graph on its value)
+    temperature = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
     if process_group is None:
-        logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, float(temperature), int(ignore_index), precision,
+        logp, ent, _ = _linear_logprobs_op(h2, weight, bias, t1, temperature, int(ignore_index), precision,
                                            backend, bool(check_targets))
     else:
-        logp, ent = distributed.vocab_parallel_logprobs(h2, weight, bias, t1, layout, float(temperature),
+        logp, ent = distributed.vocab_parallel_logprobs(h2, weight, bias, t1, layout, temperature,
                                                         int(ignore_index), precision, backend, bool(check_targets))
     logp = logp.view(targets.shape)
     if return_entropy:

@@ -114,9 +114,14 @@ def _describe(x) -> str:
 
 
 def _real(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise ValueError(f"{name} must be a finite real number, got {x!r}")
-    return float(x)
+    # a float traced by torch.compile(dynamic=True) is a SymFloat: kept symbolic (float() would specialise the graph
+    # on its value) and checked with comparisons (NaN fails them), which math.isfinite cannot take
+    value = x if isinstance(x, torch.SymFloat) else float(x)
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be a finite real number, got {x!r}")
+    return value
 
 
 def _positive(name: str, x) -> float:
@@ -360,12 +365,24 @@ def register_loss(spec: LossSpec, *, replace_existing: bool = False) -> LossSpec
     return spec
 
 
+# Peers' names that are not rlcore loss types, and the rlcore call that computes the same loss (named in the error).
+PEER_LOSS_NAMES: Mapping[str, str] = MappingProxyType({
+    "grpo": "TRL's loss_type='grpo' is loss_type='ppo' with agg='seq-mean-token-mean'",
+    "bnpo": "TRL's loss_type='bnpo' is loss_type='ppo' (its default agg='token-mean')",
+    "vanilla": "verl's loss_mode='vanilla' is loss_type='ppo'",
+    "gpg": "verl's loss_mode='gpg' is loss_type='reinforce'",
+    "geo_mean": "verl's loss_mode='geo_mean' is loss_type='gmpo'",
+})
+
+
 def resolve(loss_type: str, given: Mapping[str, Any]) -> Tuple[LossSpec, Opts]:
     """The spec of ``loss_type`` and its options: its defaults, then ``given`` (``DEFAULT`` values are not given),
     each checked. An option the loss does not take is an error, naming the losses that do take it."""
     spec = _REGISTRY.get(loss_type) if isinstance(loss_type, str) else None
     if spec is None:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(map(repr, _REGISTRY))}")
+        peer = PEER_LOSS_NAMES.get(loss_type) if isinstance(loss_type, str) else None
+        hint = f": {peer}" if peer else ""
+        raise ValueError(f"unknown loss_type {loss_type!r}{hint}; expected one of {', '.join(map(repr, _REGISTRY))}")
     takes = spec.options
     for name, value in given.items():
         if value is DEFAULT:
@@ -931,6 +948,8 @@ def policy_loss(
     token_weights: Optional[torch.Tensor] = None,
     rewards: Optional[torch.Tensor] = None,
     baseline: Optional[torch.Tensor] = None,
+    targets: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
     loss_type: str = "ppo",
     check_inputs: bool = True,
     **options,
@@ -943,6 +962,11 @@ def policy_loss(
           per-token inputs ``[N]``, ``advantages [B]`` or ``[N]``.
         ``rewards`` and ``baseline`` are ``[B]``. ``mask`` (bool or 0/1; ``None``: every token) is 0 for prompt,
         padding and tool/observation tokens. Masked positions may hold anything, even NaN: they are never read.
+
+    ``targets`` (integer, ``logp``'s shape): the token ids behind ``logp``. Positions whose target is
+    ``ignore_index`` are then no loss tokens, whatever ``mask`` says, exactly as in ``fused_policy_loss``. Pass
+    them whenever the targets are padded with ``ignore_index``: ``linear_logprobs`` (like ``cross_entropy``) gives
+    log-prob 0 there, and without ``targets`` a mask of ones would count those zeros as loss tokens.
 
     Inputs: ``old_logp`` (the policy that generated the data, or its recompute), ``ref_logp`` (for ``beta``),
     ``sampler_logp`` (the inference engine's, for ``is_mode``), ``entropy`` (for ``entropy_coef`` and
@@ -970,8 +994,28 @@ def policy_loss(
         out.loss.backward()
     """
     spec, opts = resolve(loss_type, options)
+    if targets is not None:
+        mask = _mask_from_targets(targets, ignore_index, logp, mask)
     batch = prepare(logp, advantages, mask, spec=spec, opts=opts, cu_seqlens=cu_seqlens, old_logp=old_logp,
                     ref_logp=ref_logp, sampler_logp=sampler_logp, entropy=entropy, token_weights=token_weights,
                     rewards=rewards, baseline=baseline, check_inputs=check_inputs)
     return evaluate(spec, batch, opts)
+
+
+def _mask_from_targets(targets, ignore_index, logp, mask):
+    """``mask`` with the positions whose target is ``ignore_index`` removed (``[B, T]`` or ``[N]``, bool)."""
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() \
+            or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of token ids, got {_describe(targets)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {_describe(ignore_index)}")
+    if isinstance(logp, torch.Tensor) and tuple(targets.shape) != tuple(logp.shape):
+        raise ValueError(f"targets must have logp's shape {tuple(logp.shape)}, got {tuple(targets.shape)}")
+    keep = targets != ignore_index
+    if mask is None:
+        return keep
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape):
+        raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else _describe(mask)}")
+    return keep & (mask if mask.dtype == torch.bool else mask != 0)
 

@@ -227,8 +227,17 @@ def _fmt(report: Report, k: str) -> str:
     return f"{report.abs[k]:.1e}/{report.rel[k]:.1e}"
 
 
+def _bar_text() -> str:
+    """The module doc's account of the columns and the bar, as plain text, with the bounds' values."""
+    body = "Rows:" + __doc__.split("Rows:", 1)[1].split("On CPU the compiled backend")[0].replace("``", "").rstrip()
+    bounds = ", ".join(f"{k} {v:g}" for k, v in FP32_TOL.items())
+    return (f"{body}\n\nFP32_TOL (relative): {bounds}; TF32_TOL: {TF32_TOL:g}. The err/bar column is the worst "
+            "error as a fraction of its bar (1.0 = at the bar); above 1 the row FAILs.")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlcore.validate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rlcore.validate", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                     epilog=_bar_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one shape per backend and mode")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = parser.parse_args(argv)
@@ -251,7 +260,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"rlcore {__version__} | torch {torch.__version__} | triton {triton.__version__} | device: {name}"
           + ("" if device.type == "cuda" else " (Triton kernels in the CPU interpreter)"))
-    print("errors vs float64: max abs / max rel (max|x - ref| / max|ref|); the bar: `python -m rlcore.validate -h`")
+    print("errors vs float64: max abs / max rel (max|x - ref| / max|ref|); err/bar: the worst error as a fraction "
+          "of its bar (`python -m rlcore.validate -h`, or README.md#precision, 'Accuracy bar')")
     header = (f"{'backend':<7} {'dtypes':<10} {'precision':<9} {'shape':<22} "
               + " ".join(f"{k:<15}" for k in QUANTITIES) + " err/bar verdict")
     print(header)

@@ -13,10 +13,10 @@ Modules: ``config`` (the dataclass), ``algorithms`` (advantages, anchors, A*PO's
 """
 
 from .algorithms import ALGORITHMS, AlgoSpec
-from .config import QUICK, TrainConfig, load_config
-from .loop import Trainer, train
+from .config import QUICK, ConfigError, TrainConfig, load_config
+from .loop import RunError, Trainer, train
 from .rollout import RolloutEngine, TransformersEngine
 from .tasks import TASKS, CharTokenizer, Task
 
-__all__ = ["TrainConfig", "load_config", "train", "Trainer", "ALGORITHMS", "AlgoSpec", "RolloutEngine",
+__all__ = ["TrainConfig", "ConfigError", "RunError", "load_config", "train", "Trainer", "ALGORITHMS", "AlgoSpec", "RolloutEngine",
            "TransformersEngine", "TASKS", "Task", "CharTokenizer", "QUICK"]

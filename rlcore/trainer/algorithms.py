@@ -19,7 +19,7 @@ import torch
 
 import rlcore
 
-__all__ = ["AlgoSpec", "ALGORITHMS", "group_advantages", "loss_kwargs", "offline_vstar", "SamplerBuffer"]
+__all__ = ["AlgoSpec", "ALGORITHMS", "loss_kwargs", "offline_vstar", "SamplerBuffer"]
 
 
 @dataclass(frozen=True)
@@ -73,17 +73,6 @@ ALGORITHMS: Dict[str, AlgoSpec] = {
 }
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
-    """``rewards [B]`` (groups of ``group_size`` contiguous samples) -> advantages ``[B]``."""
-    r = rewards.view(-1, group_size)                                   # [P, G]
-    centered = r - r.mean(dim=1, keepdim=True)                         # [P, G]
-    if kind == "centered":
-        return centered.reshape(-1)
-    if kind == "normalized":
-        return (centered / (r.std(dim=1, keepdim=True, unbiased=False) + 1e-6)).reshape(-1)
-    raise ValueError(f"unknown advantage kind {kind!r}; expected 'normalized' or 'centered'")
-
-
 def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[B]`` bool: the samples of groups whose rewards are all equal (zero advantage, nothing to learn)."""
     r = rewards.view(-1, group_size)                                   # [P, G]
@@ -106,7 +95,7 @@ def loss_kwargs(cfg, rewards: torch.Tensor, old_logp: torch.Tensor, sampler_logp
     if spec.loss_type == "dr_grpo":
         kw["agg_constant"] = float(max_completion)
     if spec.family == "clipped":
-        kw["advantages"] = group_advantages(rewards, cfg.group, spec.advantage)
+        kw["advantages"] = rlcore.group_advantages(rewards, cfg.group, normalize=spec.advantage == "normalized")
         kw["old_logp"] = old_logp
         for name in ("eps_low", "eps_high"):
             if getattr(cfg, name) is not None:

@@ -1,7 +1,11 @@
-"""``TrainConfig``: every knob of a run in one dataclass, checked at start-up, loadable from YAML or JSON.
+"""``TrainConfig``: every knob of a run in one dataclass, typed and checked at start-up, loadable from YAML or JSON.
 
-Validation happens before any model is built, so a bad config (an unknown algorithm, a group of one for a group
-method, a task with no reward) fails in the first second with a message naming the field.
+Each field is declared with the values it accepts (``Int(ge=1)``, ``Real(gt=0)``, ``Choice(...)``); pydantic v2
+parses what the user wrote into that type (``lr: 1e-3`` from YAML, which YAML reads as a string, becomes the float
+0.001; ``resume: "no"`` becomes ``False``) and rejects what it cannot be, including ``inf`` and ``nan``. Then the
+checks that span fields run (a group of one for a group method, a task with no reward, ...). All of it happens in
+the constructor, before any model is built, and a failure is one :class:`ConfigError` (a ``ValueError``) naming the
+field as written, the value, and what is accepted.
 """
 
 from __future__ import annotations
@@ -9,89 +13,205 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .algorithms import ALGORITHMS
 
-__all__ = ["TrainConfig", "load_config", "resolve_reward", "QUICK"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "resolve_reward", "QUICK", "RESUME_FREE"]
 
 ENGINES = ("auto", "transformers", "vllm")
 PARALLEL = ("ddp", "fsdp2")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+DTYPES = ("float32", "bfloat16", "float16")
+HEAD_PRECISIONS = ("default", "tf32", "fp32")    # rlcore.PRECISIONS (not imported: rlcore.logprobs loads triton)
+
+
+class ConfigError(ValueError):
+    """A config field that cannot be used: ``field`` (as the user wrote it), ``value``, and what is ``accepted``.
+
+    ``str(err)`` reads ``"<field> must be <accepted>, got <value>"`` plus an optional ``reason``."""
+
+    def __init__(self, field: str, value: Any, accepted: str, reason: str = ""):
+        self.field, self.value, self.accepted, self.reason = field, value, accepted, reason
+        super().__init__(self.render(field))
+
+    def render(self, label: str) -> str:
+        """The message with the field called ``label`` (``--lr`` on the command line, ``lr`` in a file)."""
+        text = f"{label} must be {self.accepted}, got {_shown(self.value)}"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it: ``-1e-3`` for the string YAML makes of it, ``'fp64'`` for a word."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+        return value.strip()
+    return repr(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# field kinds: the type, its constraints, and the words for what is accepted
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a field accepts. ``py``: int, float, bool or str; ``ge``/``gt``/``lt``: bounds; ``choices``: a closed
+    set; ``optional``: ``None`` allowed (with ``none`` saying what it means)."""
+
+    py: type
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    lt: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    optional: bool = False
+    none: str = ""
+
+    def accepted(self) -> str:
+        if self.choices:
+            text = "one of " + ", ".join(map(repr, self.choices))
+        else:
+            text = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[self.py]
+            bounds = [f"{op} {b:g}" for op, b in ((">=", self.ge), (">", self.gt), ("<", self.lt)) if b is not None]
+            if bounds:
+                text += " " + " and ".join(bounds)
+        return f"{text}, or null ({self.none})" if self.optional else text
+
+    def parse(self, name: str, value: Any) -> Any:
+        """``value`` as this kind's type (pydantic's lax parsing: ``"1e-3"`` -> 0.001, ``"no"`` -> False), or
+        :class:`ConfigError`."""
+        if value is None or (self.optional and isinstance(value, str) and value.lower() in ("null", "none")):
+            if self.optional:
+                return None
+            raise ConfigError(name, value, self.accepted())
+        if self.py in (int, float) and isinstance(value, bool):
+            raise ConfigError(name, value, self.accepted())    # True is not a number of steps
+        try:
+            parsed = _adapter(self.py).validate_python(value)
+        except ValueError:
+            raise ConfigError(name, value, self.accepted()) from None
+        bad = ((self.choices and parsed not in self.choices)
+               or (self.ge is not None and not parsed >= self.ge)
+               or (self.gt is not None and not parsed > self.gt)
+               or (self.lt is not None and not parsed < self.lt))
+        if bad:
+            raise ConfigError(name, value, self.accepted())
+        return parsed
+
+
+_ADAPTERS: Dict[type, Any] = {}
+
+
+def _adapter(py: type):
+    """A pydantic ``TypeAdapter`` for ``py`` (finite floats only), imported on first use."""
+    if py not in _ADAPTERS:
+        try:
+            from pydantic import Field, TypeAdapter
+        except ImportError:
+            raise ImportError("the trainer's config needs pydantic>=2: pip install 'rlcore[hf]' (or pydantic)") from None
+        from typing import Annotated
+
+        tp = Annotated[float, Field(allow_inf_nan=False)] if py is float else py
+        _ADAPTERS[py] = TypeAdapter(tp)
+    return _ADAPTERS[py]
+
+
+def _f(default: Any, kind: Kind, help: str):
+    return field(default=default, metadata=dict(kind=kind, help=help))
+
+
+POS = Kind(int, ge=1)
 
 
 @dataclass
 class TrainConfig:
     """One RL run. Defaults are the demo: the ``add`` task, a tiny random Llama, SFT warm-up, then RL.
 
-    ``None`` for ``group_size``, ``prompts_per_step``, ``lr``, ``beta2``, ``eps_low``, ``eps_high`` means the algorithm's default
-    (``rlcore.trainer.algorithms.ALGORITHMS``).
+    ``None`` for ``group_size``, ``prompts_per_step``, ``lr``, ``beta2``, ``eps_low``, ``eps_high`` means the
+    algorithm's default (``rlcore.trainer.algorithms.ALGORITHMS``). ``fields_help()`` describes every field.
     """
 
-    algo: str = "grpo"
-    out: str = "runs/rlcore"
-    seed: int = 0
+    algo: str = _f("grpo", Kind(str, choices=tuple(ALGORITHMS)), "the RL algorithm")
+    out: str = _f("runs/rlcore", Kind(str), "output folder: metrics.jsonl, checkpoint.pt, reward.png")
+    seed: int = _f(0, Kind(int, ge=0), "seed of the model init, the prompts and the sampling")
     # ---- task and reward
-    task: str = "add"
-    task_digits: int = 2
-    reward: Optional[str] = None          # "module:function" (a callable (prompt, completion) -> float); None: the task's
-    train_prompts: int = 768
-    eval_prompts: int = 128
+    task: str = _f("add", Kind(str), "the task: 'add' (the demo) or 'calc' (multi-turn with a calculator tool)")
+    task_digits: int = _f(2, POS, "digits of the task's operands")
+    reward: Optional[str] = _f(None, Kind(str, optional=True, none="the task's own reward"),
+                               "'module:function', a callable (prompt, completion) -> float")
+    train_prompts: int = _f(768, POS, "prompts in the training pool")
+    eval_prompts: int = _f(128, POS, "held-out prompts for the evaluation")
     # ---- policy
-    model: Optional[str] = None           # a local path for AutoModelForCausalLM; None: a tiny random Llama
-    model_hidden: int = 64
-    model_layers: int = 2
-    model_heads: int = 2                  # head_dim 32: vLLM's CPU attention takes 32, 64, 80, ...
-    dtype: str = "float32"
-    cpu_threads: Optional[int] = 1        # torch threads per process on CPU (None: torch's default). A tiny model
-    #                                       gains nothing from intra-op threads, and on a busy machine they spin
-    head_precision: str = "fp32"          # rlcore.linear_logprobs precision of the LM head (the FP32 head)
+    model: Optional[str] = _f(None, Kind(str, optional=True, none="a tiny random Llama"),
+                              "a local path for AutoModelForCausalLM")
+    model_hidden: int = _f(64, POS, "hidden size of the tiny random Llama")
+    model_layers: int = _f(2, POS, "layers of the tiny random Llama")
+    model_heads: int = _f(2, POS, "attention heads of the tiny random Llama (head_dim 32: vLLM's CPU attention "
+                                  "takes 32, 64, 80, ...)")
+    dtype: str = _f("float32", Kind(str, choices=DTYPES), "dtype of the policy's weights")
+    cpu_threads: Optional[int] = _f(1, Kind(int, ge=1, optional=True, none="torch's default"),
+                                    "torch threads per process on CPU (a tiny model gains nothing from more)")
+    head_precision: str = _f("fp32", Kind(str, choices=HEAD_PRECISIONS),
+                             "rlcore.linear_logprobs precision of the LM head")
     # ---- SFT warm-up (the default task starts from a random model)
-    sft_steps: int = 200
-    sft_batch: int = 64
-    sft_lr: float = 3e-3
+    sft_steps: int = _f(200, Kind(int, ge=0), "supervised warm-up steps on the task's demonstrations (0: none)")
+    sft_batch: int = _f(64, POS, "prompts per SFT step")
+    sft_lr: float = _f(3e-3, Kind(float, gt=0), "SFT learning rate")
     # ---- rollouts
-    engine: str = "auto"                  # vllm when importable and asked for; auto = transformers
-    prompts_per_step: Optional[int] = None
-    group_size: Optional[int] = None
-    max_new_tokens: int = 6
-    temperature: float = 1.0
+    engine: str = _f("auto", Kind(str, choices=ENGINES), "rollout engine ('auto': transformers)")
+    prompts_per_step: Optional[int] = _f(None, Kind(int, ge=1, optional=True, none="the algorithm's default"),
+                                         "prompts per RL step")
+    group_size: Optional[int] = _f(None, Kind(int, ge=1, optional=True, none="the algorithm's default"),
+                                   "samples per prompt")
+    max_new_tokens: int = _f(6, POS, "most tokens sampled per turn")
+    temperature: float = _f(1.0, Kind(float, gt=0), "sampling temperature (also the head's)")
     # ---- optimisation
-    steps: int = 300
-    lr: Optional[float] = None
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    epochs: int = 1                       # gradient steps per rollout batch (>1: the ratios leave 1, clipping acts)
+    steps: int = _f(300, POS, "RL steps (a resumed run continues up to this step)")
+    lr: Optional[float] = _f(None, Kind(float, gt=0, optional=True, none="the algorithm's default"),
+                             "RL learning rate (AdamW)")
+    weight_decay: float = _f(0.0, Kind(float, ge=0), "AdamW weight decay")
+    grad_clip: float = _f(1.0, Kind(float, gt=0), "gradient-norm clip")
+    epochs: int = _f(1, POS, "gradient steps per rollout batch (> 1: the ratios leave 1 and clipping acts)")
+    max_skipped: int = _f(3, POS, "stop the run after this many consecutive steps whose every update was skipped "
+                                  "(non-finite loss or gradient)")
     # ---- loss knobs (None: the loss type's preset)
-    eps_low: Optional[float] = None
-    eps_high: Optional[float] = None
-    beta: float = 0.0                     # KL to the reference (clipped family)
-    beta1: float = 0.5                    # V* temperature (apo, oapl)
-    beta2: Optional[float] = None         # regression family
-    eta: float = 1.0                      # rebel
-    is_mode: Optional[str] = None         # training-inference correction from the sampler's log-probs
-    is_cap: float = 2.0
-    entropy_coef: float = 0.0
+    eps_low: Optional[float] = _f(None, Kind(float, ge=0, lt=1, optional=True, none="the loss type's preset"),
+                                  "lower clip range of the ratio (1 - eps_low)")
+    eps_high: Optional[float] = _f(None, Kind(float, ge=0, optional=True, none="the loss type's preset"),
+                                   "upper clip range of the ratio (1 + eps_high)")
+    beta: float = _f(0.0, Kind(float, ge=0), "KL to the reference (clipped family; 0: none)")
+    beta1: float = _f(0.5, Kind(float, gt=0), "V* temperature (apo, oapl)")
+    beta2: Optional[float] = _f(None, Kind(float, gt=0, optional=True, none="the loss type's preset"),
+                                "log-ratio scale of the regression family")
+    eta: float = _f(1.0, Kind(float, gt=0), "reward scale of rebel")
+    is_mode: Optional[str] = _f(None, Kind(str, choices=IS_MODES, optional=True, none="no correction"),
+                                "training-inference correction from the sampler's log-probs (clipped family)")
+    is_cap: float = _f(2.0, Kind(float, gt=0), "cap of the correction's importance weights")
+    entropy_coef: float = _f(0.0, Kind(float), "entropy bonus coefficient")
     # ---- algorithm-specific
-    apo_samples: int = 8                  # A*PO offline stage: samples per prompt from pi_ref
-    oapl_lag: int = 4                     # OAPL: the sampler is synced to the policy every oapl_lag steps
-    oapl_buffer: int = 4                  # OAPL: rollout batches kept; each step trains on one drawn from them
+    apo_samples: int = _f(8, POS, "A*PO offline stage: samples per prompt from pi_ref")
+    oapl_lag: int = _f(4, POS, "OAPL: the sampler is synced to the policy every oapl_lag steps")
+    oapl_buffer: int = _f(4, POS, "OAPL: rollout batches kept; each step trains on one drawn from them")
     # ---- bookkeeping
-    eval_every: int = 25
-    log_every: int = 25
-    save_every: int = 50
-    resume: bool = True                   # continue from out/checkpoint.pt when it exists
-    plot: bool = True
-    progress: bool = True
-    parallel: str = "ddp"                 # under torchrun: ddp or fsdp2
-    quick: bool = False                   # the shortened demo (see QUICK)
+    eval_every: int = _f(25, POS, "evaluate every this many steps")
+    log_every: int = _f(25, POS, "print a line every this many steps")
+    save_every: int = _f(50, POS, "write the checkpoint every this many steps")
+    resume: bool = _f(True, Kind(bool), "continue from out/checkpoint.pt when it exists")
+    force_resume: bool = _f(False, Kind(bool), "resume even when the checkpoint's settings differ from this run's")
+    plot: bool = _f(True, Kind(bool), "write out/reward.png (needs matplotlib)")
+    progress: bool = _f(True, Kind(bool), "show a progress bar (needs tqdm)")
+    parallel: str = _f("ddp", Kind(str, choices=PARALLEL), "data parallelism under torchrun")
+    quick: bool = _f(False, Kind(bool), "the shortened demo: fields left at their default take QUICK's values")
 
     def __post_init__(self):
+        self.quick = _field_kind("quick").parse("quick", self.quick)
         if self.quick:
             for key, value in QUICK.items():
-                setattr(self, key, value)
+                if getattr(self, key) == _DEFAULTS[key]:
+                    setattr(self, key, value)
         self.validate()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -111,103 +231,127 @@ class TrainConfig:
     def learning_rate(self) -> float:
         return self.spec.lr if self.lr is None else self.lr
 
+    @classmethod
+    def fields_help(cls) -> Dict[str, Tuple[str, Kind]]:
+        """``{field: (description, kind)}`` for every field (the CLI's ``-h``)."""
+        return {f.name: (f.metadata["help"], f.metadata["kind"]) for f in dataclasses.fields(cls)}
+
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field."""
-        if self.algo not in ALGORITHMS:
-            raise ValueError(f"unknown algo {self.algo!r}; expected one of {', '.join(map(repr, ALGORITHMS))}")
-        spec = self.spec
-        g = self.group
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise ValueError(f"group_size must be a positive int, got {g!r}")
-        if spec.grouped and g < 2:
-            raise ValueError(f"algo {self.algo!r} compares the samples of a prompt with each other: group_size must "
-                             f"be >= 2, got {g}")
-        if self.algo == "rebel" and g % 2:
-            raise ValueError(f"algo 'rebel' trains on pairs of samples of a prompt: group_size must be even, got {g}")
-        if self.algo == "apo" and g != 1:
-            raise ValueError(f"algo 'apo' samples one completion per prompt online (V* replaces the group): "
-                             f"group_size must be 1, got {g}")
-        for name in ("steps", "prompts", "max_new_tokens", "epochs", "sft_batch", "train_prompts",
-                     "eval_prompts", "apo_samples", "oapl_lag", "oapl_buffer", "eval_every", "log_every",
-                     "save_every", "model_hidden", "model_layers", "model_heads", "task_digits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.sft_steps < 0:
-            raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps!r}")
-        for name in ("temperature", "beta1", "eta", "is_cap", "grad_clip", "sft_lr", "learning_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; expected one of {', '.join(map(repr, ENGINES))}")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"unknown parallel {self.parallel!r}; expected one of {', '.join(map(repr, PARALLEL))}")
-        if self.is_mode is not None:
-            if self.is_mode not in IS_MODES:
-                raise ValueError(f"unknown is_mode {self.is_mode!r}; expected one of {', '.join(map(repr, IS_MODES))}")
-            if spec.family == "regression":
-                raise ValueError(f"is_mode corrects the clipped family's ratios; algo {self.algo!r} is a regression "
-                                 "loss (its anchor already is a fixed policy)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        """Parse every field to its declared type, then check the fields against each other; raise
+        :class:`ConfigError` naming the first bad field."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.metadata["kind"].parse(f.name, getattr(self, f.name)))
+        self._check_combinations()
+        resolve_reward(self)
+
+    def _check_combinations(self) -> None:
         from .tasks import TASKS
 
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(map(repr, TASKS))}")
-        resolve_reward(self)
+            raise ConfigError("task", self.task, "one of " + ", ".join(map(repr, TASKS)))
+        spec, g, algo = self.spec, self.group, self.algo
+        if spec.grouped and g < 2:
+            raise ConfigError("group_size", g, ">= 2", f"algo {algo!r} compares the samples of a prompt with "
+                                                       "each other")
+        if algo == "rebel" and g % 2:
+            raise ConfigError("group_size", g, "even", "algo 'rebel' trains on pairs of samples of a prompt")
+        if algo == "apo" and g != 1:
+            raise ConfigError("group_size", g, "1", "algo 'apo' samples one completion per prompt online; V* "
+                                                    "replaces the group")
+        if self.is_mode is not None and spec.family == "regression":
+            raise ConfigError("is_mode", self.is_mode, "null", f"is_mode corrects the clipped family's ratios; "
+                              f"algo {algo!r} is a regression loss, anchored at a fixed policy already")
+        if self.model is None and self.model_hidden % self.model_heads:
+            raise ConfigError("model_hidden", self.model_hidden, f"a multiple of model_heads = {self.model_heads}")
+        if self.eps_low is not None and self.eps_high is not None and self.eps_low == 0 == self.eps_high:
+            raise ConfigError("eps_high", self.eps_high, "> 0 when eps_low is 0", "a clip range of width 0 "
+                              "freezes the ratio at 1: nothing would be learned")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+_DEFAULTS: Dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_kind(name: str) -> Kind:
+    return TrainConfig.__dataclass_fields__[name].metadata["kind"]
+
 # The demo shortened to a few minutes on a 2-core CPU (rlcore train --quick).
 QUICK: Dict[str, Any] = dict(steps=120, eval_every=20, log_every=20, save_every=60)
 
+# Fields a resumed run may change: bookkeeping that does not alter what the next step computes.
+RESUME_FREE = frozenset({"out", "steps", "resume", "force_resume", "plot", "progress", "eval_every", "log_every",
+                         "save_every", "cpu_threads", "quick", "engine", "max_skipped"})
+
 
 def resolve_reward(cfg: TrainConfig):
-    """The reward callable: ``cfg.reward`` (``"module:function"``) if given, else the task's own ``reward``.
+    """The reward callable: ``cfg.reward`` (``"module:function"``) if given, else the task's own ``reward``
+    (returned as ``None``).
 
-    Raises ``ValueError`` when there is none, so a run never starts without a reward.
+    Raises :class:`ConfigError` when there is none, so a run never starts without a reward.
     """
+    accepted = "'module:function' naming a callable (prompt, completion) -> float"
     if cfg.reward is None:
         from .tasks import TASKS, Task
 
         if TASKS[cfg.task].reward is Task.reward:
-            raise ValueError(f"task {cfg.task!r} defines no reward: pass reward='module:function'")
+            raise ConfigError("reward", None, accepted, f"task {cfg.task!r} defines no reward")
         return None
-    if not isinstance(cfg.reward, str) or ":" not in cfg.reward:
-        raise ValueError(f"reward must be 'module:function' naming a callable (prompt, completion) -> float, "
-                         f"got {cfg.reward!r}")
+    if ":" not in cfg.reward:
+        raise ConfigError("reward", cfg.reward, accepted)
     module, name = cfg.reward.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward {cfg.reward!r} cannot be loaded: {e}") from None
+        raise ConfigError("reward", cfg.reward, accepted, f"it cannot be loaded: {e}") from None
     if not callable(fn):
-        raise ValueError(f"reward {cfg.reward!r} is not callable")
+        raise ConfigError("reward", cfg.reward, accepted, "it is not callable")
     return fn
 
 
-def load_config(path: Optional[str] = None, **overrides) -> TrainConfig:
-    """A ``TrainConfig`` from a ``.json`` or ``.yaml``/``.yml`` file (YAML needs pyyaml), then ``overrides``."""
-    values: Dict[str, Any] = {}
-    if path is not None:
+def _read_file(path: str) -> Dict[str, Any]:
+    """The mapping in a ``.json`` or ``.yaml``/``.yml`` file; ``ValueError`` naming the file for anything else."""
+    try:
         text = Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"config {path!r} is YAML but pyyaml is not installed; use JSON or "
-                                 "`pip install pyyaml`") from None
-            values = yaml.safe_load(text) or {}
-        else:
+    except OSError as e:
+        raise ValueError(f"config {path!r} cannot be read: {e.strerror or e}") from None
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"config {path!r} is YAML but pyyaml is not installed; use JSON or "
+                             "`pip install pyyaml`") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config {path!r} is not valid YAML{at}: {problem}") from None
+    else:
+        try:
             values = json.loads(text)
-        if not isinstance(values, dict):
-            raise ValueError(f"config {path!r} must hold a mapping of field names to values")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {path!r} is not valid JSON at line {e.lineno}, column {e.colno}: "
+                             f"{e.msg}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config {path!r} must hold a mapping of field names to values, got a "
+                         f"{type(values).__name__}")
+    return values
+
+
+def load_config(path: Optional[str] = None, **overrides) -> TrainConfig:
+    """A ``TrainConfig`` from a ``.json`` or ``.yaml``/``.yml`` file (YAML needs pyyaml), then ``overrides``
+    (``None`` values are ignored)."""
+    values: Dict[str, Any] = _read_file(path) if path is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = set(_DEFAULTS)
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+        hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(u), known, 1))
+                 else repr(u) for u in unknown]
+        raise ValueError(f"unknown config field(s) {', '.join(hints)}; known: {', '.join(sorted(known))}")
     return TrainConfig(**values)

@@ -10,10 +10,11 @@ One RL step:
 3. Recompute the batch's log-probs under the current policy (``old_logp``) and, where needed, the reference; the
    gap to the sampler's own log-probs is the training-inference mismatch, reported every step.
 4. ``epochs`` gradient steps on the fused loss. A step whose loss or gradient norm is not finite is skipped (and
-   said so); the optimizer state is untouched.
+   said so); the optimizer state is untouched. After ``max_skipped`` steps in a row with every update skipped, the
+   run stops with a :class:`RunError` saying why (a NaN reward, say) rather than running on, learning nothing.
 
-Bookkeeping: ``out/metrics.jsonl`` (one object per step: ``step``, ``reward``, the loss metrics, ...; step 0 is the
-evaluation before RL), a progress bar and periodic lines on the terminal, ``out/checkpoint.pt`` (model, optimizer,
+Bookkeeping: ``out/metrics.jsonl`` (one strict-JSON object per step: ``step``, ``reward``, the loss metrics, ...;
+a non-finite value is written as ``null``; step 0 is the evaluation before RL), a progress bar and periodic lines on the terminal, ``out/checkpoint.pt`` (model, optimizer,
 reference, lagged sampler, buffer, every rank's RNG, step), and ``out/reward.png``.
 """
 
@@ -33,12 +34,17 @@ import torch
 
 from . import dist
 from .algorithms import SamplerBuffer, flat_groups, loss_kwargs, offline_vstar, state_digest
-from .config import TrainConfig, resolve_reward
+from .config import RESUME_FREE, TrainConfig, resolve_reward
 from .policy import PolicyObjective, batch_logprobs, build_model
 from .rollout import RolloutBatch, RolloutEngine, Trajectory, TransformersEngine, collate, rollout
 from .tasks import make_task
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer", "train", "RunError"]
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on, with the reason: a checkpoint that cannot be read or does not match the settings,
+    or updates that keep being skipped. ``rlcore train`` prints it and exits 1."""
 
 
 def _say(msg: str) -> None:
@@ -57,10 +63,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, engine: Optional[RolloutEngine] = None):
         cfg.validate()
         self.cfg = cfg
+        self.out = Path(cfg.out)
+        self._resume_state = self._read_checkpoint() if cfg.resume else None   # checked before anything is built
         self.device = dist.setup()
         if self.device.type == "cpu" and cfg.cpu_threads is not None:
             torch.set_num_threads(cfg.cpu_threads)
-        self.out = Path(cfg.out)
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
         self.task = make_task(cfg.task, seed=cfg.seed, digits=cfg.task_digits)
@@ -90,6 +97,8 @@ class Trainer:
         self.eval_engine = TransformersEngine(self._eval_model, pad_id=self.tok.PAD, own_copy=self.sharded)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.history: List[Dict] = []
+        self.skipped_in_a_row = 0
+        self._skip_note = ""
 
     # ------------------------------------------------------------------------------------------------------------
     # set-up
@@ -255,7 +264,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 _say(f"[guard] step {step}: non-finite loss ({out.loss.item()}) or gradient norm ({norm.item()}); "
-                     "skipped the optimizer step")
+                     f"skipped the optimizer step{_reward_note(batch.rewards)}")
             else:
                 self.optimizer.step()
             metrics.update({k: float(v) for k, v in out.metrics.items()})
@@ -266,7 +275,16 @@ class Trainer:
         metrics = dist.all_mean(metrics)
         metrics["skipped"] = skipped
         self.step = step
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped == cfg.epochs else 0
+        self._skip_note = _reward_note(batch.rewards) if skipped else ""
         return metrics
+
+    def _stop_if_stuck(self) -> None:
+        """:class:`RunError` once ``max_skipped`` steps in a row had every update skipped."""
+        if self.skipped_in_a_row >= self.cfg.max_skipped:
+            raise RunError(f"the last {self.skipped_in_a_row} steps (up to step {self.step}) skipped every update: "
+                           f"the loss or the gradient norm was not finite{self._skip_note}. The run stopped rather "
+                           f"than go on learning nothing (max_skipped={self.cfg.max_skipped})")
 
     def _batch_metrics(self, fresh: RolloutBatch, batch: RolloutBatch, old: torch.Tensor) -> Dict[str, float]:
         """Reward of the fresh rollouts, completion length, and the training-inference mismatch on ``batch``."""
@@ -319,8 +337,39 @@ class Trainer:
             os.replace(tmp, self.checkpoint_path)
         dist.barrier()
 
+    def _read_checkpoint(self) -> Optional[Dict]:
+        """The checkpoint in ``out`` (``None`` when there is none), checked against this run's settings.
+
+        Raises :class:`RunError` naming the file when it cannot be read (empty, truncated, not a checkpoint), and
+        naming the fields when the run that wrote it had other settings (``force_resume`` overrides that), or when
+        it is already past ``steps``."""
+        path = self.checkpoint_path
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:   # EOFError (empty), RuntimeError (truncated zip), UnpicklingError, ...
+            raise RunError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).strip() or 'empty'}); "
+                           "it is empty, truncated or not a checkpoint: delete it, or pass --no-resume (or another "
+                           "--out) to start afresh") from None
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise RunError(f"checkpoint {path} is not an rlcore.trainer checkpoint (no {', '.join(missing)}); delete "
+                           "it, or pass --no-resume (or another --out)")
+        diff = config_differences(state["config"], self.cfg.to_dict())
+        if diff and not self.cfg.force_resume:
+            listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff)
+            raise RunError(f"checkpoint {path} was made with other settings ({listed}). Resuming would mix two "
+                           "runs: pass another --out for a new run, --no-resume to overwrite this one, or "
+                           "--force-resume to continue it with the new settings")
+        if state["step"] > self.cfg.steps:
+            raise RunError(f"checkpoint {path} is at step {state['step']}, past steps={self.cfg.steps}: there is "
+                           "nothing to train. Pass --steps above it to continue, or --no-resume to start afresh")
+        return state
+
     def load(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        state = self._resume_state if self._resume_state is not None else self._read_checkpoint()
+        self._resume_state = None
         if len(state["ranks"]) != dist.world():
             raise ValueError(f"{self.checkpoint_path} was written by {len(state['ranks'])} ranks; resume it with "
                              f"as many (this run has {dist.world()})")
@@ -352,8 +401,10 @@ class Trainer:
         cfg = self.cfg
         _say(f"[rlcore] algo={cfg.algo} loss={self.spec.loss_type} task={cfg.task} engine="
              f"{type(self.engine).__name__} ranks={dist.world()} device={self.device} out={self.out}")
-        if cfg.resume and self.checkpoint_path.exists():
+        if cfg.resume and (self._resume_state is not None or self.checkpoint_path.exists()):
             self.load()
+            if self.step >= cfg.steps:
+                _say(f"[resume] the checkpoint is at step {self.step} = steps: nothing left to train")
         else:
             self.sft()
             self._start_rl()
@@ -364,37 +415,45 @@ class Trainer:
                 first.update(self.apo_stats)
         self._rewrite_metrics()
         bar = _progress(cfg, self.step)
-        while self.step < cfg.steps:
-            metrics = self.train_step()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                metrics.update(self.evaluate())
-            record = dict(step=self.step, **metrics)
-            self.history.append(record)
-            self._append_metrics(record)
+        try:
+            while self.step < cfg.steps:
+                self._one_step(bar)
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.3g}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                _say(_line(record, cfg.steps))
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save()
-        if bar is not None:
-            bar.close()
+                bar.close()
         if dist.is_main():
             self._summary()
         return self.history
+
+    def _one_step(self, bar) -> None:
+        """A training step with its evaluation, metrics line, progress, stop check and checkpoint."""
+        cfg = self.cfg
+        metrics = self.train_step()
+        if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            metrics.update(self.evaluate())
+        record = dict(step=self.step, **metrics)
+        self.history.append(record)
+        self._append_metrics(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.3g}")
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            _say(_line(record, cfg.steps))
+        self._stop_if_stuck()
+        if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+            self.save()
 
     def _rewrite_metrics(self) -> None:
         """``metrics.jsonl`` = the history so far (a resumed run drops the lines of steps after its checkpoint)."""
         if dist.is_main():
             with open(self.out / "metrics.jsonl", "w") as f:
                 for record in self.history:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(_json_line(record))
 
     def _append_metrics(self, record: Dict) -> None:
         if dist.is_main():
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(_json_line(record))
 
     def _summary(self) -> None:
         evals = [r for r in self.history if "eval_reward" in r]
@@ -409,6 +468,42 @@ class Trainer:
             path = plot_rewards(self.history, self.out / "reward.png", title=f"{self.cfg.algo} on {self.cfg.task}")
             _say(f"[rlcore] reward curve: {path}" if path else
                  "[rlcore] matplotlib is not installed: no reward.png (pip install matplotlib)")
+
+
+_CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "ranks")
+
+
+def config_differences(saved: Dict, current: Dict) -> List[tuple]:
+    """``[(field, saved value, current value)]`` for the fields that change what a resumed run computes (every
+    field but ``config.RESUME_FREE``). A field the checkpoint lacks (an older rlcore) counts as its default."""
+    from .config import _DEFAULTS
+
+    return [(k, saved.get(k, _DEFAULTS.get(k)), v) for k, v in current.items()
+            if k not in RESUME_FREE and saved.get(k, _DEFAULTS.get(k)) != v]
+
+
+def _reward_note(rewards: torch.Tensor) -> str:
+    """``"; the reward was NaN for 12 of 32 samples"`` when some rewards are not finite, else ``""``."""
+    bad = ~torch.isfinite(rewards)
+    if not bool(bad.any()):
+        return ""
+    kinds = ", ".join(sorted({str(float(x)) for x in rewards[bad].tolist()}))
+    return f"; the reward function returned {kinds} for {int(bad.sum())} of {rewards.numel()} samples"
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _json_line(record: Dict) -> str:
+    """One line of strict JSON (``NaN`` and ``inf`` become ``null``, which every JSON reader accepts)."""
+    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
 
 
 def _progress(cfg: TrainConfig, start: int):
