@@ -55,10 +55,17 @@ def gathered_logits(hidden, weight, bias, ids, inv_temp: float) -> torch.Tensor:
 
 @torch.library.custom_op("rlcore::gathered_logit_gaps", mutates_args=())
 def _logit_gaps_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ids: torch.Tensor,
-                   base: torch.Tensor, valid: torch.Tensor, inv_temp: float) -> torch.Tensor:
+                   base: torch.Tensor, valid: torch.Tensor, inv_temp: float, targets: torch.Tensor, ignore_index: int,
+                   check_targets: bool) -> torch.Tensor:
     """``d [N, K] = z[ids] - z[base]``, the gap of each target's logit to the row's base id's, computed as
     ``((W[ids] - W[base]) . h + b[ids] - b[base]) * inv_temp`` (no cancellation of two large dot products; exactly 0
-    where ``ids == base``), 0 where ``valid [N, K]`` is False. ``ids [N, K]`` and ``base [N]`` in ``[0, V)``."""
+    where ``ids == base``), 0 where ``valid [N, K]`` is False. ``ids [N, K]`` and ``base [N]`` in ``[0, V)``.
+    ``check_targets``: first raise on ``targets`` (the user's ids) outside ``[0, V)`` that are not ``ignore_index``,
+    here, inside the op, where ``torch.compile`` does not trace the host sync."""
+    if check_targets:
+        from .logprobs import _check_target_range
+
+        _check_target_range(targets, weight.shape[0], ignore_index)
     N, K = ids.shape
     cdt = chunked.compute_dtype(hidden.dtype, weight.dtype)
     d = hidden.new_zeros((N, K), dtype=cdt)
@@ -74,7 +81,7 @@ def _logit_gaps_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 @_logit_gaps_op.register_fake
-def _(hidden, weight, bias, ids, base, valid, inv_temp):
+def _(hidden, weight, bias, ids, base, valid, inv_temp, targets, ignore_index, check_targets):
     return hidden.new_empty(ids.shape, dtype=chunked.compute_dtype(hidden.dtype, weight.dtype))
 
 
@@ -120,7 +127,7 @@ def _(grad, hidden, weight, bias, ids, base, valid, inv_temp, needs):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, ids, base, valid, inv_temp = inputs
+    hidden, weight, bias, ids, base, valid, inv_temp, _, _, _ = inputs
     ctx.save_for_backward(hidden, weight, bias, ids, base, valid)
     ctx.inv_temp = inv_temp
 
@@ -129,9 +136,9 @@ def _backward(ctx, grad):
     hidden, weight, bias, ids, base, valid = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     if not any(needs):
-        return (None,) * 7
+        return (None,) * 10
     grads = _logit_gaps_backward_op(grad, hidden, weight, bias, ids, base, valid, ctx.inv_temp, needs)
-    return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
+    return (*(g if n else None for g, n in zip(grads, needs)), *(None,) * 7)
 
 
 torch.library.register_autograd("rlcore::gathered_logit_gaps", _backward, setup_context=_setup_context)
@@ -140,13 +147,11 @@ torch.library.register_autograd("rlcore::gathered_logit_gaps", _backward, setup_
 def multi_target_logprobs(hidden, weight, bias, targets, temperature: float, ignore_index: int, precision: str,
                           backend: str, check_targets: bool):
     """``hidden [N, H]``, ``targets [N, K]`` (validated) -> ``(logp [N, K], entropy [N])``, as ``linear_logprobs``."""
-    from .logprobs import _check_target_range, _linear_logprobs_op
+    from .logprobs import _linear_logprobs_op
 
     V = weight.shape[0]
-    if check_targets:
-        _check_target_range(targets, V, ignore_index)
     valid = targets != ignore_index                                                  # [N, K]
-    safe = torch.where(valid, targets, 0).long()
+    safe = torch.where(valid, targets, 0).long().clamp(0, V - 1)   # indexable; bad ids raise in the gaps op
     z = gathered_logits(hidden, weight, bias, safe, 1.0 / temperature)              # [N, K], no gradient
     col = torch.where(valid, z, float("-inf")).argmax(1, keepdim=True)               # [N, 1]: the row's base slot
     base = safe.gather(1, col)[:, 0]                                                 # [N]
@@ -154,6 +159,7 @@ def multi_target_logprobs(hidden, weight, bias, targets, temperature: float, ign
     hidden = torch.where(rows[:, None], hidden, 0.0)   # rows with no valid id: zeros, so a NaN there reaches no dW
     logp_b, ent, _ = _linear_logprobs_op(hidden, weight, bias, torch.where(rows, base, ignore_index),
                                          temperature, ignore_index, precision, backend, False)
-    gaps = _logit_gaps_op(hidden, weight, bias, safe, base, valid, 1.0 / temperature)  # [N, K]
+    gaps = _logit_gaps_op(hidden, weight, bias, safe, base, valid, 1.0 / temperature, targets, ignore_index,
+                          check_targets)                                              # [N, K]
     logp = torch.where(torch.isneginf(z), float("-inf"), gaps + logp_b[:, None])      # masked vocabulary: -inf
     return torch.where(valid, logp, 0.0), ent

@@ -162,7 +162,7 @@ def test_opcheck_logit_gaps():
     valid = t != IGNORE
     ids = torch.where(valid, t, 0)
     base = ids[:, 1]
-    torch.library.opcheck(_logit_gaps_op, (h, w, b, ids, base, valid, 0.8))
+    torch.library.opcheck(_logit_gaps_op, (h, w, b, ids, base, valid, 0.8, t, IGNORE, True))
     torch.library.opcheck(_logit_gaps_backward_op, (g, h, w, b, ids, base, valid, 0.8, [True, True, True]))
 
 
