@@ -325,23 +325,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     const at::Tensor& lse, const at::Tensor& entropy, double inv_temp, int64_t ignore_index, bool compute_dh,
     bool compute_dw, bool compute_db, int64_t tile_rows, int64_t tile_vocab, bool onednn) {
   check_inputs(hidden, weight, bias, targets, tile_rows, tile_vocab);
-  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const int64_t N_all = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   compute_db = compute_db && bias.has_value();
   const auto f32 = hidden.options().dtype(at::kFloat);
-  const at::Tensor h = hidden.to(at::kFloat).contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor tgt = targets.to(at::kLong).contiguous();
+  const at::Tensor tgt_all = targets.to(at::kLong).contiguous();
 
   // Per-position coefficients of dz (see dz_range), with ignored positions zeroed.
-  const at::Tensor valid = tgt.ne(ignore_index);
-  const at::Tensor g_lp = at::where(valid, grad_logp.to(at::kFloat), 0.0f);
-  const at::Tensor g_ent = grad_entropy.has_value() ? at::where(valid, grad_entropy->to(at::kFloat), 0.0f)
-                                                    : at::zeros({N}, f32);
-  const at::Tensor ent = entropy.to(at::kFloat).contiguous();
+  const at::Tensor valid = tgt_all.ne(ignore_index);
+  at::Tensor g_lp = at::where(valid, grad_logp.to(at::kFloat), 0.0f);
+  at::Tensor g_ent = grad_entropy.has_value() ? at::where(valid, grad_entropy->to(at::kFloat), 0.0f)
+                                              : at::zeros({N_all}, f32);
+  // Only the rows that carry gradient enter the GEMMs: the others contribute exactly nothing to dW, db and dh (their
+  // dh is 0), even when their hidden state holds NaN or inf, and cost nothing. (A zero dz row would not do: 0 * NaN.)
+  const at::Tensor live = g_lp.ne(0.0f).logical_or(g_ent.ne(0.0f));
+  const int64_t n_live = live.sum().item<int64_t>();
+  const bool compact = n_live < N_all;
+  const at::Tensor rows = compact ? live.nonzero().squeeze(1) : at::Tensor();
+  auto pick = [&](const at::Tensor& x) { return compact ? x.index_select(0, rows) : x; };
+  const int64_t N = n_live;
+  const at::Tensor h = pick(hidden).to(at::kFloat).contiguous();
+  const at::Tensor tgt = pick(tgt_all).contiguous();
+  g_lp = pick(g_lp);
+  g_ent = pick(g_ent);
+  const at::Tensor ent = pick(entropy).to(at::kFloat).contiguous();
   const at::Tensor c1 = ((g_lp + g_ent * ent) * -inv_temp).contiguous();
   const at::Tensor c2 = (g_ent * -inv_temp).contiguous();
   const at::Tensor g_target = (g_lp * inv_temp).contiguous();
-  const at::Tensor lse32 = lse.to(at::kFloat).contiguous();
+  const at::Tensor lse32 = pick(lse).to(at::kFloat).contiguous();
   const float *c1_p = c1.data_ptr<float>(), *c2_p = c2.data_ptr<float>(), *gt_p = g_target.data_ptr<float>();
   const float* lse_p = lse32.data_ptr<float>();
   const int64_t* t_p = tgt.data_ptr<int64_t>();
@@ -391,6 +402,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     if (compute_dw && dw.scalar_type() != at::kFloat) {
       dw.narrow(0, v0, vt).copy_(dw_acc);
     }
+  }
+  if (compute_dh && compact) {
+    at::Tensor full = at::zeros({N_all, H}, f32);
+    full.index_copy_(0, rows, dh);
+    dh = full;
   }
   return {compute_dh ? dh.to(hidden.scalar_type()) : dh, dw,
           compute_db ? db.to(bias->scalar_type()) : db};

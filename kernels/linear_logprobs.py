@@ -52,6 +52,41 @@ operands: ``"tf32"``, ``"tf32x3"`` for FP32 accuracy on tensor cores, or ``"ieee
 tensor cores as they are: products of bf16/fp16 values are exact in the FP32 accumulator.
 
 All pointer offsets along ``N`` and ``V`` are computed in int64, so ``N * H`` and ``V * H`` beyond 2^31 are safe.
+
+Rows without gradient. A row whose target is ``ignore_index``, or whose upstream gradients are both 0, contributes
+exactly nothing to ``dW``, ``db`` and ``dh`` (its ``dh`` is 0), even when its hidden state holds NaN or inf (left
+padding under some attention masks does): ``_dz_kernel`` masks every use of such a row's logits, the dW GEMM loads
+its hidden state as 0 (``ROWS=2``), and row blocks without a live row are skipped in the forward, the dz kernel and
+both GEMMs (a zero trip count, or the device-built list of live K blocks: no host sync).
+
+Roofline at H = 4096, V = 151936, N = 16384, bf16, on an H100 SXM (989 dense bf16 TFLOP/s, 3.35 TB/s HBM; cuBLAS
+reaches ~700 TFLOP/s on such GEMMs, the practical ceiling used below). One head GEMM is 2 N H V = 2.04e13 FLOP:
+~29 ms at 700 TFLOP/s.
+
+- Forward (``_fwd_kernel``): 1 GEMM. HBM: W (1.25 GB) once per rasterization group of 16 row blocks (8 passes,
+  ~10 GB, 3 ms) and h (134 MB) once per span: well under the 29 ms of MMAs, so compute-bound (~1500 FLOP/byte against
+  a ridge of ~300). The epilogue (max, exp, two FMAs per logit: N V = 2.5e9 logits, the exps at the MUFU rate of
+  ~4e12/s) costs ~0.6-1.5 ms if it does not overlap the MMAs. Predicted: 1.03-1.08x of one cuBLAS GEMM with the
+  flat, pipelined (tile, slice) loop (the next tile's loads are in flight during the softmax update), ~1.15x when the
+  pipeline drains at each tile (the old nested loop); target 1.1x.
+- Backward: ``_dz_kernel`` is 1 GEMM (the recomputed logits) plus writing dz (N V bf16 = 5 GB, 1.5 ms, overlapped
+  with the next tiles' MMAs); the dW and dh GEMMs are 2 GEMMs that read dz twice (10 GB, mostly from L2 within a
+  slice) and dh's FP32 accumulator once per slice (2 N H 4 bytes x 19 slices = 10 GB, ~0.16 ms per slice, hidden
+  in the GEMM epilogue). Forward + backward = 4 GEMMs against the 3-GEMM floor: 1.33x by construction, predicted
+  ~1.40-1.45x with the overheads above (target 1.5x). Ignored rows (prompt tokens) are skipped in all four.
+- Backward GEMMs, cuBLAS or Triton (``bwd_gemm``, ``RLCORE_BWD_GEMM``): Triton's 128x128x64 wgmma GEMM with 4 stages
+  reaches roughly 85-95% of cuBLAS on large square bf16 GEMMs in Triton's own tutorial figures; the dW GEMM here has a
+  transposed (M-major) A operand and an indirect K loop (the live-block list), which can only cost more, so cuBLAS is
+  expected 10-25% faster on these two GEMMs: ~3-7 ms of a ~120 ms step. Its price is one host sync (to gather the
+  live rows; ~20 us) and the gather (N H bf16 read and written, ~0.1 ms). ``auto`` therefore takes cuBLAS for half
+  precision on CUDA; FP32 modes keep the Triton GEMM (3xTF32 has no cuBLAS counterpart), and so does CUDA-graph
+  capture (nothing may sync). The prepared GPU run (``bench/gpu_session.sh``) times both, to confirm or reverse this.
+- ``precision="fp32"`` with bf16 inputs (the bench's ``rlcore-triton-fp32``): the forward is the bf16 one (bf16
+  products are exact in FP32); the backward's three GEMMs take upcast tiles in one tf32 pass (half the bf16 MMA rate)
+  with dz kept in FP32 (twice the dz bytes). Predicted (1 + 3 x 2) / 4 = 1.75x of bf16 for fwd+bwd (target 2x). FP32
+  inputs (3xTF32: three tf32 MMAs per product) are ~6x bf16's MMA time by construction.
+- Memory: no [N, V] tensor; the backward holds one dz slice (max(2 N H, 2^24) elements) and an FP32 dh: ~0.4 GB at
+  these shapes against the reference's ~10 GB of FP32 logits and their gradient (~4%; target 5%).
 """
 
 from __future__ import annotations
@@ -72,10 +107,19 @@ __all__ = [
     "DZ_CONFIGS",
     "MATMUL_CONFIGS",
     "CONFIGS",
+    "ARCHS",
+    "arch_key",
+    "candidate_configs",
     "default_config",
+    "choose_config",
+    "autotune_enabled",
+    "tuning_key",
+    "n_bucket",
     "linear_logprobs_fwd",
     "linear_logprobs_bwd",
     "merge_partials",
+    "BWD_GEMMS",
+    "bwd_gemm",
     "is_interpreter",
 ]
 
@@ -167,11 +211,11 @@ def _online_lse_update(b_m, b_s, b_a, b_z):
 
 @triton.jit
 def _fwd_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
+    h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, z_ptr,
     N, V, H, SPAN, SPLITS,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, Z_OUT: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -187,20 +231,44 @@ def _fwd_kernel(
 
     v_start = i_s * SPAN
     v_end = tl.minimum(v_start + SPAN, V)
-    # A block whose targets are all ignored (prompt tokens, padding) has outputs 0: skip its GEMMs. Its partials stay
-    # (-inf, 0, 0, 0); the host masks those rows.
-    if tl.max((m_n & (b_t != ignore_index)).to(tl.int32), 0) > 0:
-        for v0 in range(v_start, v_end, BLOCK_V):
-            o_v = v0 + tl.arange(0, BLOCK_V)
-            m_v = o_v < v_end
-            b_z = _logits_tile(
-                h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
-                stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
-                HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
-            )
+    # One flat loop over (vocabulary tile, H slice) pairs instead of a vocabulary loop around an H loop: the software
+    # pipeliner (num_stages) then prefetches the next tile's first slices of h and W while the current tile's
+    # online-softmax update runs, instead of draining at every tile boundary (a 128-wide tile at H = 4096 is 64 slices,
+    # so a drained pipeline idles the tensor cores ~num_stages / 64 of the time, plus the whole softmax update).
+    n_h = tl.maximum(tl.cdiv(H, BLOCK_H), 1)   # H = 0: one all-masked slice, so each tile still gets its epilogue
+    n_it = tl.cdiv(v_end - v_start, BLOCK_V) * n_h
+    # A block whose targets are all ignored (prompt tokens, padding) has outputs 0: skip its GEMMs (a zero trip count,
+    # so the loop stays a plain pipelinable scf.for). Its partials stay (-inf, 0, 0, 0); the host masks those rows.
+    if tl.max((m_n & (b_t != ignore_index)).to(tl.int32), 0) == 0:
+        n_it = 0
+    o_h = tl.arange(0, BLOCK_H)
+    b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for it in range(0, n_it):
+        i_v = it // n_h
+        h0 = (it - i_v * n_h) * BLOCK_H
+        o_v = v_start + i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        m_v = o_v < v_end
+        m_h = o_h < H - h0
+        p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + (h0 + o_h[None, :]) * stride_hh   # [BLOCK_N, BLOCK_H]
+        p_w = w_ptr + o_v[None, :].to(tl.int64) * stride_wv + (h0 + o_h[:, None]) * stride_wh   # [BLOCK_H, BLOCK_V]
+        b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0)
+        b_w = tl.load(p_w, mask=m_h[:, None] & m_v[None, :], other=0.0)
+        if CAST_FP32:
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_acc = _dot(b_h, b_w, b_acc, DOT_PRECISION, UPCAST)
+        if h0 + BLOCK_H >= H:  # the tile's last slice: fold its logits into the running state, start the next tile
+            b_z = b_acc
+            if HAS_BIAS:
+                b_z += tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+            b_z = tl.where(m_v[None, :], b_z * inv_temp, float("-inf"))
             b_zt += tl.sum(tl.where(o_v[None, :].to(tl.int64) == b_t[:, None], b_z, 0.0), 1)
             # The entropy numerator costs one FMA per logit next to an H-long dot product: always kept.
             b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
+            if Z_OUT:  # the single pass of the fused loss keeps the FP32 logits [N, V] of its slice for dz
+                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]
+                tl.store(p_z, b_z, mask=m_n[:, None] & m_v[None, :])
+            b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
     # part: [4, SPLITS, N] fp32, contiguous
     p_part = part_ptr + i_s.to(tl.int64) * N + o_n
@@ -213,7 +281,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _dz_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
+    h_ptr, w_ptr, b_ptr, t_ptr, live_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
     N, V, H, v_start, VC,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temp, ignore_index,
@@ -232,9 +300,11 @@ def _dz_kernel(
     m_v = m_c & (o_v < V)
 
     b_t = tl.load(t_ptr + o_n, mask=m_n, other=ignore_index).to(tl.int64)
-    m_row = m_n & (b_t != ignore_index)  # rows that carry gradient
+    # Rows that carry gradient (rlcore.chunked.live_rows: a kept target and a non-zero upstream gradient). The others
+    # get dz = 0 exactly, whatever their logits (NaN padding included): every use of b_z below is masked by m_row.
+    m_row = m_n & (tl.load(live_ptr + o_n, mask=m_n, other=0) != 0)
     b_dz = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    # A block of ignored rows (prompt tokens, padding) has dz = 0: skip its GEMM.
+    # A block without such rows (prompt tokens, padding) has dz = 0: skip its GEMM.
     if tl.max(m_row.to(tl.int32), 0) > 0:
         b_glp = tl.load(glp_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
         b_lse = tl.load(lse_ptr + o_n, mask=m_row, other=0.0)
@@ -260,14 +330,21 @@ def _dz_kernel(
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr, y_ptr, out_ptr, M, N, K,
+    x_ptr, y_ptr, out_ptr, live_ptr, klist_ptr, kcount_ptr, M, N, K,
     stride_xm, stride_xk, stride_yk, stride_yn, stride_om, stride_on,
-    ACCUMULATE: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ROWS: tl.constexpr,
+    CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``out[M, N] (+)= x[M, K] @ y[K, N]`` with FP32 accumulation, any strides (so ``x`` may be a transposed view),
-    written in ``out``'s dtype. Each program owns one output tile: no atomics, deterministic."""
+    written in ``out``'s dtype. Each program owns one output tile: no atomics, deterministic.
+
+    ``ROWS`` says which dimension runs over the op's rows (positions), whose liveness ``live_ptr [rows]`` holds:
+    ``0`` none; ``1`` M (the dh GEMM): a tile without live rows skips its K loop and stores 0 (or leaves ``out``);
+    ``2`` K (the dW GEMM): only the K blocks listed in ``klist_ptr[:kcount]`` (the row blocks with a live row, built
+    on the device by ``_live_blocks``: no host sync) are visited, and ``y``'s dead rows load as 0, so a NaN in the
+    hidden state of a row without gradient never meets the dot (0 * NaN would poison the whole of dW).
+    """
     i_m, i_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -277,9 +354,22 @@ def _matmul_kernel(
     p_x = x_ptr + o_m[:, None].to(tl.int64) * stride_xm + o_k[None, :].to(tl.int64) * stride_xk  # [BLOCK_M, BLOCK_K]
     p_y = y_ptr + o_k[:, None].to(tl.int64) * stride_yk + o_n[None, :].to(tl.int64) * stride_yn  # [BLOCK_K, BLOCK_N]
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BLOCK_K)):
-        k0 = tl.cast(i_k * BLOCK_K, tl.int64)  # 64-bit: a transposed view steps whole rows of dz per K slice
-        m_k = o_k < K - i_k * BLOCK_K
+    n_k = tl.cdiv(K, BLOCK_K)
+    if ROWS == 1:
+        # a zero trip count rather than an `if` around the loop: the loop stays the pipeliner's plain scf.for
+        if tl.max((tl.load(live_ptr + o_m, mask=m_m, other=0) != 0).to(tl.int32), 0) == 0:
+            n_k = 0
+    if ROWS == 2:
+        n_k = tl.load(kcount_ptr)
+    for i_k in range(0, n_k):
+        if ROWS == 2:
+            i_blk = tl.load(klist_ptr + i_k)
+        else:
+            i_blk = i_k
+        k0 = tl.cast(i_blk, tl.int64) * BLOCK_K  # 64-bit: a transposed view steps whole rows of dz per K slice
+        m_k = o_k < K - k0
+        if ROWS == 2:
+            m_k = m_k & (tl.load(live_ptr + k0 + o_k, mask=m_k, other=0) != 0)
         b_x = tl.load(p_x + k0 * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)
         b_y = tl.load(p_y + k0 * stride_yk, mask=m_k[:, None] & m_n[None, :], other=0.0)
         if CAST_FP32:
@@ -321,39 +411,6 @@ class KernelConfig:
         return dict(BLOCK_N=self.BLOCK_N, BLOCK_V=self.BLOCK_V, BLOCK_H=self.BLOCK_H, GROUP=self.GROUP)
 
 
-# Every config shipped here is compiled for sm_80 and sm_90 by tests/test_gpu_compile.py (no GPU needed), which checks
-# that it fits the per-block shared memory of an A100 (163 KiB) and an H100 (227 KiB), runs its dots on the tensor
-# cores and does not spill registers (ptxas). The first entry of each list is the default.
-# Half-precision tiles: 128x128 output tiles are the usual sweet spot for bf16 mma/wgmma with fp32 accumulators;
-# the 64- and 128-row alternatives take 8 warps, with 4 they spill on sm_80.
-# FP32 tiles (tf32 / 3xTF32): 3xTF32 keeps hi/lo parts of both operands, so the H slice is 16 on the larger tiles
-# (32 spills on sm_80).
-FWD_CONFIGS = {
-    "half": [
-        KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-        KernelConfig(64, 128, 64, num_warps=8, num_stages=4),
-        KernelConfig(64, 256, 32, num_warps=8, num_stages=4),
-        KernelConfig(128, 64, 64, num_warps=8, num_stages=4),
-    ],
-    "fp32": [
-        KernelConfig(64, 128, 16, num_warps=8, num_stages=3),
-        KernelConfig(128, 64, 16, num_warps=8, num_stages=3),
-        KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
-    ],
-}
-# The dz kernel is the forward's logit GEMM without the vocabulary loop, plus a [BLOCK_N, BLOCK_V] store.
-DZ_CONFIGS = {
-    "half": [
-        KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-        KernelConfig(64, 128, 64, num_warps=8, num_stages=4),
-    ],
-    "fp32": [
-        KernelConfig(64, 128, 16, num_warps=8, num_stages=3),
-        KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
-    ],
-}
-
-
 @dataclass(frozen=True)
 class MatmulConfig:
     BLOCK_M: int
@@ -367,19 +424,71 @@ class MatmulConfig:
         return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K, GROUP_M=self.GROUP_M)
 
 
-# The backward's two GEMMs (dW slice = dz^T h, dh += dz W slice): the usual Triton GEMM tiles for Ampere/Hopper.
-# (128x256 and 4-warp 128x128 half tiles, and 4-warp 64x128x32 FP32 tiles, spill: tests/test_gpu_compile.py.)
-MATMUL_CONFIGS = {
-    "half": [
-        MatmulConfig(128, 128, 64, num_warps=8, num_stages=3),
-        MatmulConfig(128, 64, 64, num_warps=4, num_stages=4),
-        MatmulConfig(64, 128, 64, num_warps=4, num_stages=4),
-    ],
-    "fp32": [
-        MatmulConfig(128, 128, 16, num_warps=8, num_stages=3),
-        MatmulConfig(64, 128, 32, num_warps=8, num_stages=3),
-    ],
+# Config tables per architecture ("sm80": A100-class, "sm90": H100/H200) and operand class ("half": bf16/fp16 tiles,
+# "fp32": upcast tiles under tf32 / 3xTF32). The first entry of each list is the fixed default; the others are what
+# RLCORE_AUTOTUNE=1 times (and RLCORE_CONFIG_INDEX=i forces). Every entry is compiled for its architecture by
+# tests/test_gpu_compile.py (no GPU needed) with the specialisations a real launch produces, for every bias / entropy
+# variant, and must: fit the block's shared-memory limit (sm_80 163 KiB, sm_90 227 KiB), spill no register, run its
+# dots on the tensor cores (wgmma on sm_90), and software-pipeline its inner loop.
+#
+# Reasons, per kernel (register counts: see the gate's table):
+# - fwd, half, sm90: 128x128 logit tiles on 8 warps = two warp groups, each a 64x128 wgmma with a 64-register FP32
+#   accumulator per thread, which leaves room for the tile's softmax update (another 64 live values) without spills.
+#   4 stages of 64-wide H slices (4 x 32 KiB of shared memory) keep ~3 slices of h and W in flight across the flat
+#   (tile, slice) loop, which at ~3.3 TB/s and 128 FLOP/byte per slice hides HBM/L2 latency. The alternative, a
+#   64-row tile on 8 warps (169 registers, no spill with the single pass's logits store; on 4 warps it spills 24
+#   bytes there), doubles the row blocks for small N; 3 stages trade latency hiding for shared memory.
+# - fwd, half, sm80: mma.sync keeps the accumulator in the issuing warp's registers, and with the flat loop's
+#   epilogue a 128x128 tile on 8 warps needs 255 registers and spills 28-44 bytes (the gate's figures), so the
+#   default is 128x64 (186 registers, 255 with the single pass's logits store, no spill in either; the 128 rows
+#   share each W tile, the larger operand) at 4 stages (73 KiB). 128x64 on 4 warps spills on sm_90 too, and is not
+#   shipped. (Two blocks per SM would need <= 128 registers at 8 warps: none of these tiles gets there.)
+# - fp32 (tf32 / 3xTF32) tiles: 3xTF32 keeps hi and lo parts of both operands, so the H slice is 16-32 wide and the
+#   output tile 64x128 (larger ones spill on sm_80).
+# - dz: the forward's logit GEMM without the vocabulary loop, plus the [BLOCK_N, BLOCK_V] store of dz: the same tiles.
+# - matmul (dW, dh): classic GEMM tiles; 128x128x64 on 8 warps at 4 stages on sm_90 (the Triton tutorial's Hopper
+#   choice), 3 stages on sm_80. 128x256 tiles spill on both (their 128-register accumulator plus addresses).
+_HALF_FWD_SM90 = [
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),   # 244-254 registers, 128 KiB: one block per SM
+    KernelConfig(64, 128, 64, num_warps=8, num_stages=4),    # 169 registers: twice the row blocks for small N
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+]
+_HALF_FWD_SM80 = [
+    KernelConfig(128, 64, 64, num_warps=8, num_stages=4),    # 186 registers, 73 KiB
+    KernelConfig(64, 128, 64, num_warps=8, num_stages=4),    # 196 registers
+]
+_FP32_FWD = [
+    KernelConfig(64, 128, 16, num_warps=8, num_stages=3),
+    KernelConfig(128, 64, 16, num_warps=8, num_stages=3),
+    KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
+]
+FWD_CONFIGS = {
+    "sm90": {"half": _HALF_FWD_SM90, "fp32": _FP32_FWD},
+    "sm80": {"half": _HALF_FWD_SM80, "fp32": _FP32_FWD},
 }
+DZ_CONFIGS = {
+    "sm90": {"half": [KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+                      KernelConfig(64, 128, 64, num_warps=4, num_stages=4)],
+             "fp32": [KernelConfig(64, 128, 16, num_warps=8, num_stages=3),
+                      KernelConfig(64, 64, 32, num_warps=4, num_stages=3)]},
+    "sm80": {"half": [KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+                      KernelConfig(64, 128, 64, num_warps=8, num_stages=4)],
+             "fp32": [KernelConfig(64, 128, 16, num_warps=8, num_stages=3),
+                      KernelConfig(64, 64, 32, num_warps=4, num_stages=3)]},
+}
+MATMUL_CONFIGS = {
+    "sm90": {"half": [MatmulConfig(128, 128, 64, num_warps=8, num_stages=4),
+                      MatmulConfig(128, 128, 64, num_warps=8, num_stages=3),
+                      MatmulConfig(128, 64, 64, num_warps=4, num_stages=4)],
+             "fp32": [MatmulConfig(128, 128, 16, num_warps=8, num_stages=3),
+                      MatmulConfig(64, 128, 32, num_warps=8, num_stages=3)]},
+    "sm80": {"half": [MatmulConfig(128, 128, 64, num_warps=8, num_stages=3),
+                      MatmulConfig(128, 64, 64, num_warps=4, num_stages=4),
+                      MatmulConfig(64, 128, 64, num_warps=4, num_stages=4)],
+             "fp32": [MatmulConfig(128, 128, 16, num_warps=8, num_stages=3),
+                      MatmulConfig(64, 128, 32, num_warps=8, num_stages=3)]},
+}
+ARCHS = {"sm80": 80, "sm90": 90}
 # The interpreter runs numpy per block: small tiles keep CPU validation fast and exercise the edge masks.
 INTERPRETER_CONFIG = KernelConfig(16, 32, 16, num_warps=1, num_stages=1, GROUP=2)
 INTERPRETER_MATMUL_CONFIG = MatmulConfig(16, 32, 16, num_warps=1, num_stages=1, GROUP_M=2)
@@ -399,14 +508,105 @@ def _config_key(mode: KernelMode, dtype: torch.dtype) -> str:
 CONFIGS = {"fwd": FWD_CONFIGS, "dz": DZ_CONFIGS, "matmul": MATMUL_CONFIGS}
 
 
-def default_config(kind: str, mode: KernelMode, dtype: torch.dtype):
-    """The launch config for ``kind`` in ``CONFIGS``; ``RLCORE_CONFIG_INDEX`` picks another entry of the list."""
+def arch_key(device: torch.device) -> str:
+    """The config table of ``device``: ``"sm90"`` from compute capability 9 up, else ``"sm80"``."""
+    if device.type != "cuda":
+        return "sm90"
+    return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+
+
+def candidate_configs(kind: str, mode: KernelMode, dtype: torch.dtype, arch: str = "sm90") -> list:
+    """The configs ``kind`` may launch with on ``arch`` for this operand class, the default first."""
+    return CONFIGS[kind][arch][_config_key(mode, dtype)]
+
+
+def default_config(kind: str, mode: KernelMode, dtype: torch.dtype, arch: str = "sm90"):
+    """The fixed launch config for ``kind``; ``RLCORE_CONFIG_INDEX`` picks another entry of its list."""
     if is_interpreter():
         return INTERPRETER_MATMUL_CONFIG if kind == "matmul" else INTERPRETER_CONFIG
-    table = CONFIGS[kind]
-    configs = table[_config_key(mode, dtype)]
+    configs = candidate_configs(kind, mode, dtype, arch)
     index = int(os.environ.get("RLCORE_CONFIG_INDEX", "0"))
     return configs[min(index, len(configs) - 1)]
+
+
+# ---- opt-in autotuning -----------------------------------------------------------------------------------------------
+
+_TUNED: dict = {}   # in-process cache: key -> index into the candidate list
+
+
+def autotune_enabled() -> bool:
+    """``RLCORE_AUTOTUNE=1`` (read at each call) on a GPU; never under the interpreter."""
+    return os.environ.get("RLCORE_AUTOTUNE", "0") == "1" and not is_interpreter()
+
+
+def n_bucket(N: int) -> int:
+    """Rows rounded up to a power of two (at least 256): one tuning per bucket, not per batch size."""
+    return max(256, triton.next_power_of_2(max(N, 1)))
+
+
+def tuning_key(kind: str, H: int, V: int, dtype: torch.dtype, mode: KernelMode, arch: str, N: int) -> str:
+    return f"{kind}|H={H}|V={V}|{dtype}|{mode.cast_fp32}:{mode.dot_precision}|{arch}|N<={n_bucket(N)}"
+
+
+def _cache_path():
+    path = os.environ.get("RLCORE_AUTOTUNE_CACHE")
+    return path or os.path.join(os.path.expanduser("~"), ".cache", "rlcore", f"autotune-triton{triton.__version__}.json")
+
+
+def _load_disk_cache() -> dict:
+    import json
+
+    try:
+        with open(_cache_path()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_disk_cache(entries: dict) -> None:
+    import json
+
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass   # a read-only home: the in-process cache still holds the choice
+
+
+def choose_config(kind, mode, dtype, device, H, V, N, bench=None, timer=None, role=""):
+    """The config to launch ``kind`` with. Off (default): ``default_config``. With ``RLCORE_AUTOTUNE=1``: time each
+    candidate once per ``tuning_key`` (H, V, dtype, mode, architecture, N bucket) by ``bench(cfg)`` (a launch on
+    scratch outputs) under ``timer`` (default ``triton.testing.do_bench``), keep the fastest in the process and in a
+    JSON file (``RLCORE_AUTOTUNE_CACHE``, default ``~/.cache/rlcore/autotune-triton<version>.json``, keyed also by
+    the device name). A candidate that fails to launch (out of resources) counts as infinitely slow."""
+    arch = arch_key(device)
+    if is_interpreter() or not autotune_enabled() or bench is None:
+        return default_config(kind, mode, dtype, arch)
+    configs = candidate_configs(kind, mode, dtype, arch)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    key = f"{name}|{role}|{tuning_key(kind, H, V, dtype, mode, arch, N)}"
+    if key not in _TUNED:
+        disk = _load_disk_cache()
+        if key in disk and 0 <= disk[key]["index"] < len(configs):
+            _TUNED[key] = disk[key]["index"]
+        else:
+            timer = timer or (lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40))
+            times = []
+            for cfg in configs:
+                try:
+                    times.append(float(timer(lambda cfg=cfg: bench(cfg))))
+                except Exception:   # noqa: BLE001 - OutOfResources and kin: this candidate cannot run here
+                    times.append(float("inf"))
+            best = min(range(len(configs)), key=times.__getitem__)
+            _TUNED[key] = best
+            disk = _load_disk_cache()
+            disk[key] = {"index": best, "config": repr(configs[best]), "ms": times}
+            _save_disk_cache(disk)
+    return configs[_TUNED[key]]
 
 
 def _upcast(mode: KernelMode, dtype: torch.dtype) -> bool:
@@ -443,45 +643,69 @@ def merge_partials(part: torch.Tensor):
     return ref + log_s, log_s - big_a / big_s, zt.sum(0)
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_index: int, mode: KernelMode):
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_index: int, mode: KernelMode,
+                        z_out=None):
     """Launch the forward. ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated).
 
-    Returns ``(lse, ent, z_target)`` as float32 ``[N]`` tensors.
+    Returns ``(lse, ent, z_target)`` as float32 ``[N]`` tensors. ``z_out``: an FP32 ``[N, V]`` contiguous tensor that
+    receives the logits (after bias and temperature) as they are formed (the fused loss's single pass).
     """
     targets = targets.contiguous()                      # the kernels index targets and bias with unit stride
     bias = bias.contiguous() if bias is not None else None
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = default_config("fwd", mode, hidden.dtype)
-    n_blocks = triton.cdiv(N, cfg.BLOCK_N)
-    span = _vocab_span(n_blocks, V, hidden.device)
-    splits = triton.cdiv(V, span)
-    part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
-    _fwd_kernel[(n_blocks * splits,)](
-        hidden, weight, bias if bias is not None else hidden, targets, part,
-        N, V, H, span, splits,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temp, ignore_index,
-        HAS_BIAS=bias is not None,
-        CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
-    )
+
+    def launch(cfg):
+        n_blocks = triton.cdiv(N, cfg.BLOCK_N)
+        span = _vocab_span(n_blocks, V, hidden.device)
+        splits = triton.cdiv(V, span)
+        part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
+        _fwd_kernel[(n_blocks * splits,)](
+            hidden, weight, bias if bias is not None else hidden, targets, part, z_out if z_out is not None else part,
+            N, V, H, span, splits,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            inv_temp, ignore_index,
+            HAS_BIAS=bias is not None, Z_OUT=z_out is not None,
+            CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+        )
+        return part
+
+    part = launch(choose_config("fwd", mode, hidden.dtype, hidden.device, H, V, N, bench=launch))
     return merge_partials(part)
 
 
-def _matmul(x, y, out, mode: KernelMode, accumulate: bool) -> None:
-    """``out (+)= x @ y`` with FP32 accumulation; ``x [M, K]`` and ``y [K, N]`` may be strided views."""
+def _matmul(x, y, out, mode: KernelMode, accumulate: bool, rows: int = 0, live=None) -> None:
+    """``out (+)= x @ y`` with FP32 accumulation; ``x [M, K]`` and ``y [K, N]`` may be strided views. ``rows`` and
+    ``live``: see ``_matmul_kernel``'s ROWS (for ``rows=2`` the list of live K blocks is built here, on the device)."""
     M, K = x.shape
     N = y.shape[1]
-    cfg = default_config("matmul", mode, x.dtype)
-    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
-    _matmul_kernel[grid](
-        x, y, out, M, N, K,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        ACCUMULATE=accumulate, CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision,
-        UPCAST=_upcast(mode, x.dtype), ROUND_BF16=is_interpreter() and out.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
-    )
+
+    def launch(cfg, out=out, accumulate=accumulate):
+        klist, kcount = _live_blocks(live, cfg.BLOCK_K) if rows == 2 else (out, out)
+        grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+        _matmul_kernel[grid](
+            x, y, out, live if live is not None else out, klist, kcount, M, N, K,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+            ACCUMULATE=accumulate, ROWS=rows, CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision,
+            UPCAST=_upcast(mode, x.dtype), ROUND_BF16=is_interpreter() and out.dtype == torch.bfloat16,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
+        )
+
+    # tuned on a scratch output, never accumulating: the timing runs must not touch `out`
+    bench = lambda cfg: launch(cfg, out=torch.empty_like(out), accumulate=False)  # noqa: E731
+    n_rows, width = (K, M) if rows == 2 else (M, K)   # the op's rows, the vocabulary slice
+    launch(choose_config("matmul", mode, x.dtype, x.device, N, width, n_rows, bench=bench, role=f"rows{rows}"))
+
+
+def _live_blocks(live: torch.Tensor, block: int):
+    """The row blocks of ``block`` rows that hold a live row, for the dW GEMM's K loop, computed on the device (no
+    host sync): ``(order [n_blocks] int32, live blocks first, in order; count [1] int32)``."""
+    n_blocks = triton.cdiv(live.numel(), block)
+    padded = torch.nn.functional.pad(live, (0, n_blocks * block - live.numel()))
+    any_live = padded.view(n_blocks, block).amax(1)                                    # [n_blocks] int8
+    order = torch.argsort(1 - any_live, stable=True).to(torch.int32)
+    return order, any_live.sum(dtype=torch.int32).reshape(1)
 
 
 # The dz buffer of one vocabulary slice holds max(2 N H, 2^24) elements: as much again as dh's FP32 buffer, so the
@@ -502,6 +726,51 @@ def _vocab_slice(N: int, V: int, H: int) -> int:
     return min(cols, triton.cdiv(V, _SLICE_QUANTUM) * _SLICE_QUANTUM)
 
 
+BWD_GEMMS = ("auto", "triton", "torch")
+
+
+def bwd_gemm(mode: KernelMode, dtype: torch.dtype, device: torch.device) -> str:
+    """Which GEMMs the backward uses for dW and dh: ``"triton"`` (``_matmul_kernel``) or ``"torch"`` (``torch.mm``:
+    cuBLAS on a GPU), from ``RLCORE_BWD_GEMM`` (``auto`` | ``triton`` | ``torch``; read at each call, so a benchmark
+    can switch it).
+
+    ``auto`` is ``torch`` for half-precision GEMMs on CUDA (see the module doc, "Backward GEMMs": cuBLAS is expected
+    ~10-25% faster than a Triton GEMM at fixed tiles on these shapes, and the compaction it needs costs one host sync
+    and a gather of the live rows, well under 1% of the backward), and ``triton`` for the FP32 modes (``tf32x3`` has no
+    cuBLAS counterpart that keeps the error bar) and during CUDA-graph capture (the compaction syncs).
+    """
+    choice = os.environ.get("RLCORE_BWD_GEMM", "auto")
+    if choice not in BWD_GEMMS:
+        raise ValueError(f"RLCORE_BWD_GEMM must be one of {BWD_GEMMS}, got {choice!r}")
+    half = not mode.cast_fp32 and dtype != torch.float32
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if choice == "auto":
+        choice = "torch" if half and device.type == "cuda" and not capturing else "triton"
+    if choice == "torch" and (not half or capturing):
+        choice = "triton"   # FP32 operands keep the precision mode's own dot; nothing may sync while capturing
+    return choice
+
+
+_ADDMM_FP32_OUT = [None]  # whether this torch has addmm(..., out_dtype=float32) for half operands on CUDA
+
+
+def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mode: KernelMode) -> None:
+    """``out [M, N] FP32 += a [M, K] @ b [K, N]`` (half operands) with FP32 accumulation and output. On CUDA:
+    ``torch.addmm(..., out_dtype=torch.float32)`` where the installed torch has it (cuBLAS, beta = 1), else the
+    Triton GEMM; on CPU (the interpreter tests) the same numbers by an FP32 ``addmm_`` of the upcast operands."""
+    if a.device.type != "cuda":
+        out.addmm_(a.float(), b.float())
+        return
+    if _ADDMM_FP32_OUT[0] is not False:
+        try:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            _ADDMM_FP32_OUT[0] = True
+            return
+        except (TypeError, RuntimeError):
+            _ADDMM_FP32_OUT[0] = False
+    _matmul(a, b, out, mode, accumulate=True)
+
+
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent,
                         inv_temp: float, ignore_index: int, mode: KernelMode,
                         compute_dh: bool = True, compute_dw: bool = True, compute_db: bool = True):
@@ -512,12 +781,38 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
     FP32), then ``dW[v0:v0+C] = dz^T @ h`` (complete over all rows, written once in the weight's dtype, no FP32
     ``[V, H]`` buffer), ``dh += dz @ W[v0:v0+C]`` into an FP32 buffer and ``db[v0:v0+C] = dz.sum(0)``.
     No atomics anywhere, so the result is deterministic. ``compute_*`` False skip that gradient.
+
+    Rows without gradient (``live_rows``) contribute exactly nothing, NaN or inf in their hidden state included, and
+    their blocks are skipped: with Triton GEMMs by masks and a device-side list of live row blocks (no host sync);
+    with ``torch.mm`` (``bwd_gemm``) the live rows are gathered first (one sync) and the whole slice loop runs on them.
     """
+    from rlcore.chunked import live_rows
+
     targets = targets.contiguous()                      # the kernels index targets and bias with unit stride
     bias = bias.contiguous() if bias is not None else None
+    live = live_rows(targets, grad_logp, grad_ent, ignore_index)
+    gemm = bwd_gemm(mode, hidden.dtype, hidden.device)
+    if gemm == "torch" and not bool(live.all()):
+        N, H = hidden.shape
+        rows = live.nonzero().squeeze(1)
+        pick = lambda x: x[rows] if x is not None else None  # noqa: E731
+        dh, dw, db = _bwd_slices(pick(grad_logp), pick(grad_ent), pick(hidden), weight, bias, pick(targets),
+                                 pick(lse), pick(ent), torch.ones_like(rows, dtype=torch.int8), inv_temp,
+                                 ignore_index, mode, gemm, compute_dh, compute_dw, compute_db)
+        if dh is not None:
+            full = torch.zeros((N, H), device=hidden.device, dtype=torch.float32)
+            full[rows] = dh
+            dh = full
+        return dh, dw, db
+    return _bwd_slices(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, live.to(torch.int8), inv_temp,
+                       ignore_index, mode, gemm, compute_dh, compute_dw, compute_db)
+
+
+def _bwd_slices(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, live, inv_temp, ignore_index, mode,
+                gemm, compute_dh, compute_dw, compute_db):
+    """The slice loop of ``linear_logprobs_bwd``; ``live [N] int8`` marks the rows that carry gradient."""
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = default_config("dz", mode, hidden.dtype)
     dz_dtype = torch.float32 if mode.cast_fp32 else hidden.dtype
     cols = _vocab_slice(N, V, H)
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -525,11 +820,10 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
     dh = torch.empty((N, H), **f32) if compute_dh else None
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if compute_dw else None
     db = torch.empty((V,), **f32) if bias is not None and compute_db else None
-    for i, v0 in enumerate(range(0, V, cols)):
-        c = min(cols, V - v0)
-        dz = buf[: N * c].view(N, c)                                                        # [N, c]
+
+    def dz_launch(cfg, v0, c, dz):
         _dz_kernel[(triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(c, cfg.BLOCK_V),)](
-            hidden, weight, bias if bias is not None else hidden, targets, lse, ent,
+            hidden, weight, bias if bias is not None else hidden, targets, live, lse, ent,
             grad_logp, grad_ent if grad_ent is not None else grad_logp, dz,
             N, V, H, v0, c,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -538,10 +832,27 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
             CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
         )
+
+    c0 = min(cols, V)
+    cfg = choose_config("dz", mode, hidden.dtype, hidden.device, H, V, N,
+                        bench=lambda cfg: dz_launch(cfg, 0, c0, buf[: N * c0].view(N, c0))) if N > 0 else None
+    for i, v0 in enumerate(range(0, V, cols)):
+        c = min(cols, V - v0)
+        dz = buf[: N * c].view(N, c)                                                        # [N, c]
+        if N > 0:
+            dz_launch(cfg, v0, c, dz)
         if db is not None:
             db[v0:v0 + c] = dz.sum(0, dtype=torch.float32)
+        if gemm == "torch":
+            if dw is not None:
+                torch.mm(dz.T, hidden, out=dw[v0:v0 + c])                                    # cuBLAS, [c, H]
+            if dh is not None:
+                if i == 0:
+                    dh.zero_()
+                _addmm_fp32(dh, dz, weight[v0:v0 + c], mode)                                 # [N, H] FP32
+            continue
         if dw is not None:
-            _matmul(dz.T, hidden, dw[v0:v0 + c], mode, accumulate=False)                   # [c, H]
+            _matmul(dz.T, hidden, dw[v0:v0 + c], mode, accumulate=False, rows=2, live=live)   # [c, H]
         if dh is not None:
-            _matmul(dz, weight[v0:v0 + c], dh, mode, accumulate=i > 0)                     # [N, H]
+            _matmul(dz, weight[v0:v0 + c], dh, mode, accumulate=i > 0, rows=1, live=live)   # [N, H]
     return dh, dw, db

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "linear_logprobs_fwd", "linear_logprobs_bwd"]
+__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "live_rows", "linear_logprobs_fwd", "linear_logprobs_bwd"]
 
 # 2^23 FP32 logits = 32 MiB per [C, V] temporary (~260 rows of a 32k vocabulary): measured on a 2-core CPU at
 # N=8192, H=1024, V=32000, forward+backward took 16.2 s with 2^21, 13.3 s with 2^23, 14.1 s with 2^24 (materialised
@@ -68,25 +68,45 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float):
     return lse, ent, zt
 
 
+def live_rows(targets, grad_logp, grad_ent, ignore_index: int):
+    """``[N]`` bool: the rows that carry gradient (a target that is not ``ignore_index`` and a non-zero upstream
+    gradient). Every backend leaves the others out of all three gradients, so a NaN or inf in their hidden state
+    (left padding under some attention masks holds them) never reaches ``dW``, ``db`` or ``dh`` (their ``dh`` is 0)."""
+    live = (targets != ignore_index) & (grad_logp != 0)
+    if grad_ent is not None:
+        live |= (targets != ignore_index) & (grad_ent != 0)
+    return live
+
+
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp: float,
                         ignore_index: int, compute_dh: bool = True, compute_dw: bool = True,
                         compute_db: bool = True):
     """Gradients ``(dh [N, H] | None, dW [V, H] | None, db [V] | None)`` in the compute dtype; recomputes the
-    logits per chunk. ``compute_*`` False skip that gradient."""
+    logits per chunk. ``compute_*`` False skip that gradient.
+
+    Rows without gradient (``live_rows``) contribute exactly nothing: their hidden states are zeroed before the
+    GEMMs and their ``dz`` rows set to 0 (a zero ``dz`` alone would not do: ``0 * NaN``), and chunks holding none
+    are skipped (one host sync for all chunks). The chunks are the forward's, so the recomputed logits are bitwise
+    the forward's (logits of 1e4 leave no room for another GEMM blocking)."""
     N, V = hidden.shape[0], weight.shape[0]
     cdt = compute_dtype(hidden.dtype, weight.dtype)
     w, b = weight.to(cdt), _cast(bias, cdt)
-    valid = targets != ignore_index
-    g_lp = torch.where(valid, grad_logp.to(cdt), 0.0)            # ignored rows carry no gradient
-    g_ent = torch.where(valid, grad_ent.to(cdt), 0.0) if grad_ent is not None else None
+    live = live_rows(targets, grad_logp, grad_ent, ignore_index)
+    g_lp = torch.where(live, grad_logp.to(cdt), 0.0)
+    g_ent = torch.where(live, grad_ent.to(cdt), 0.0) if grad_ent is not None else None
     safe_t = targets.long().clamp(0, V - 1)
-    dh = torch.empty((N, hidden.shape[1]), dtype=cdt, device=hidden.device) if compute_dh else None
+    dh = torch.zeros((N, hidden.shape[1]), dtype=cdt, device=hidden.device) if compute_dh else None
     dw = torch.zeros((V, hidden.shape[1]), dtype=cdt, device=hidden.device) if compute_dw else None
     db = torch.zeros(V, dtype=cdt, device=hidden.device) if bias is not None and compute_db else None
     step = _rows_per_chunk(V)
-    for s in range(0, N, step):
+    n_chunks = -(-N // step)
+    chunk_live = torch.nn.functional.pad(live, (0, n_chunks * step - N)).view(n_chunks, step).any(1).tolist()
+    for s, any_live in zip(range(0, N, step), chunk_live):
+        if not any_live:
+            continue                                             # dh stays 0, nothing reaches dW or db
         sl = slice(s, s + step)
-        h_c = hidden[sl].to(cdt)                                 # [C, H]
+        keep = live[sl, None]
+        h_c = torch.where(keep, hidden[sl].to(cdt), 0.0)         # [C, H]
         zr = _logits(h_c, w, b, inv_temp).sub_(lse[sl, None])    # log p  [C, V]
         p = zr.exp()
         dz = p.mul(-g_lp[sl, None])                              # g_lp ([v == t] - p)
@@ -94,7 +114,7 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
         if g_ent is not None:                                    # - g_ent p (log p + ent)
             zr.masked_fill_(p == 0, 0.0)
             dz.sub_(p.mul_(zr.add_(ent[sl, None])).mul_(g_ent[sl, None]))
-        dz.mul_(inv_temp)
+        dz.mul_(inv_temp).masked_fill_(~keep, 0.0)               # NaN lse of a dead row: its dz is exactly 0
         if dh is not None:
             dh[sl] = dz @ w
         if dw is not None:

@@ -5,7 +5,7 @@ Two strategies compute the same loss and gradients as ``policy_loss(linear_logpr
 ``two_pass``
     Exactly that composition. The forward streams the vocabulary once for ``logp`` (and the entropy); autograd
     differentiates the O(N) loss; the op's backward recomputes the logits tiles to form ``dz``. Four GEMM-sized
-    passes over the head (logits twice, ``dh``, ``dW``). Any backend; the only choice on CUDA (Triton).
+    passes over the head (logits twice, ``dh``, ``dW``). Any backend.
 
 ``single_pass``
     One pass over slices of *whole sequences*. A slice's ``[C, V]`` logits are formed once (FP32), reduced to ``logp``
@@ -13,11 +13,15 @@ Two strategies compute the same loss and gradients as ``policy_loss(linear_logpr
     whole batch, so the batch loss is the sum of the slices' losses: every loss in ``policy_loss`` is a sum over
     sequences with mask-only coefficients), and the same logits become ``dz``, ``dh`` and ``dW`` while still in
     memory. Three GEMMs instead of four, at the price of a slice that holds whole sequences: it runs when every
-    sequence's loss tokens times V fit ``chunk_budget`` elements. Chunked PyTorch (the CPU backend's math).
+    sequence's loss tokens times V fit ``chunk_budget`` elements. Chunked PyTorch (the CPU backend's math), or the
+    Triton kernels (``rlcore/kernels/slice_head.py``: the forward kernel keeps the slice's FP32 logits, ``dz`` is
+    formed from them, then the dh and dW GEMMs).
 
-``strategy="auto"`` picks ``single_pass`` on the chunked PyTorch backend when the sequences fit the budget (measured
-faster there, see ``bench/results``), else ``two_pass``; under ``torch.compile`` and for ``meta`` inputs it is
-``two_pass`` (the choice reads the mask, which a traced graph cannot branch on and a meta tensor does not hold). With ``backend="auto"`` on CPU that means ``two_pass`` on the
+``strategy="auto"`` picks ``single_pass`` on the chunked PyTorch backend (measured faster there, see
+``bench/results``) and on the Triton backend (one GEMM fewer; designed, not yet measured on a GPU) when the sequences
+fit the budget, else ``two_pass``; under ``torch.compile`` and for ``meta`` inputs it is ``two_pass`` (the choice reads
+the mask, which a traced graph cannot branch on and a meta tensor does not hold). With ``backend="auto"`` on CPU that
+means ``two_pass`` on the
 compiled backend (measured 0.59x the chunked single pass), and the chunked single pass only where the extension
 cannot be built. Both skip the rows that no loss term reads (prompt, padding,
 tool and observation tokens): on CPU they are dropped before any GEMM; on CUDA their targets become
@@ -42,6 +46,9 @@ STRATEGIES = ("auto", "two_pass", "single_pass")
 # Logits elements one single-pass slice may hold (FP32: 128 MiB). A slice must hold whole sequences, so this bounds
 # the longest sequence x V the single pass takes: 2048 loss tokens at V = 16k, 1k tokens at V = 32k.
 CHUNK_BUDGET = 2**25
+# The same on the Triton backend (a GPU): 2 GiB of FP32 logits (plus 1 GiB of bf16 dz), 3.5k loss tokens at V = 152k,
+# a few percent of what the materialised reference holds at the batch sizes where the single pass pays.
+TRITON_CHUNK_BUDGET = 2**29
 
 # policy_loss's tensor inputs (everything else in loss_kwargs is a loss option, checked by rlcore.losses.resolve)
 _INPUTS = ("old_logp", "ref_logp", "sampler_logp", "token_weights", "rewards", "baseline")
@@ -136,18 +143,18 @@ def fused_policy_loss(
     if strategy == "auto":
         strategy = "two_pass"
         # under torch.compile the choice would read the mask (a data-dependent branch): two_pass, which traces
-        if (resolved_backend == "torch" and _single_pass_refusal(spec, opts) is None and not compiling()
+        if (resolved_backend in ("torch", "triton") and _single_pass_refusal(spec, opts) is None and not compiling()
                 and hidden.device.type != "meta"):
-            budget = CHUNK_BUDGET if chunk_budget is None else chunk_budget
+            budget = _budget(resolved_backend, chunk_budget)
             if _longest_unit(loss_mask, cu_seqlens, spec) * weight.shape[0] <= budget:
                 strategy = "single_pass"
     elif strategy == "single_pass":
         if hidden.device.type == "meta":
             raise ValueError("strategy='single_pass' reads the mask's values to slice the batch, and meta tensors "
                              "have none; use strategy='two_pass' or 'auto' for a shape-only run")
-        if resolved_backend != "torch":
-            raise ValueError("strategy='single_pass' runs on the chunked PyTorch backend; use backend='torch' "
-                             "(or strategy='two_pass' for the Triton kernels)")
+        if resolved_backend not in ("torch", "triton"):
+            raise ValueError("strategy='single_pass' runs on the chunked PyTorch or the Triton backend; use "
+                             "backend='torch' or 'triton' (or strategy='two_pass')")
         refusal = _single_pass_refusal(spec, opts)
         if refusal is not None:
             raise ValueError(f"strategy='single_pass' does not take {refusal}; use strategy='two_pass'")
@@ -159,8 +166,14 @@ def fused_policy_loss(
     if check_targets:   # the loss rows only: like the two-pass strategy, no other row's target is ever read
         _check_target_range(torch.where(loss_mask, targets, ignore_index), weight.shape[0], ignore_index, bias)
     return _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head,
-                        CHUNK_BUDGET if chunk_budget is None else int(chunk_budget), spec, opts,
+                        _budget(resolved_backend, chunk_budget), spec, opts,
                         dict(inputs, check_inputs=check_inputs))
+
+
+def _budget(backend: str, chunk_budget) -> int:
+    if chunk_budget is not None:
+        return int(chunk_budget)
+    return TRITON_CHUNK_BUDGET if backend == "triton" else CHUNK_BUDGET
 
 
 def _single_pass_refusal(spec, opts) -> Optional[str]:
@@ -265,6 +278,15 @@ class _SinglePassLoss(torch.autograd.Function):
         return g_h, g_w, g_b, None
 
 
+def _triton_slice_head(weight, head, inv_temp, h_dtype):
+    """The Triton kernels' share of a single pass (``rlcore/kernels/slice_head.py``), in the precision's modes."""
+    from .kernels.slice_head import SliceHead
+    from .logprobs import _kernel_mode
+
+    modes = [_kernel_mode(head["precision"], h_dtype, weight.dtype, kind) for kind in ("fwd", "bwd")]
+    return SliceHead(weight.detach(), None if head["bias"] is None else head["bias"].detach(), inv_temp, *modes)
+
+
 def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head, budget,
                  spec, opts, inputs):
     packed = cu_seqlens is not None
@@ -280,7 +302,8 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
     V = weight.shape[0]
     cdt = probe.dtype
     inv_temp = 1.0 / head["temperature"]
-    w = weight.detach().to(cdt)
+    triton_head = _triton_slice_head(weight, head, inv_temp, hidden.dtype) if head["backend"] == "triton" else None
+    w = weight.detach().to(cdt) if triton_head is None else None
     b_ = None if head["bias"] is None else head["bias"].detach().to(cdt)
     cu_list = cu_seqlens.tolist() if packed else None
     T = None if packed else targets.shape[1]
@@ -291,22 +314,26 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
 
     def run():
         dh = torch.zeros(h_flat.shape, dtype=cdt, device=hidden.device)
-        dw = torch.zeros((V, h_flat.shape[1]), dtype=cdt, device=hidden.device)
+        dw = torch.zeros((V, h_flat.shape[1]), dtype=cdt, device=hidden.device) if triton_head is None else None
         db = torch.zeros(V, dtype=cdt, device=hidden.device) if b_ is not None else None
         total = torch.zeros((), dtype=cdt, device=hidden.device)
         for s0, s1 in slices:
             t0, t1 = (cu_list[s0], cu_list[s1]) if packed else (s0 * T, s1 * T)
             keep = keep_flat[t0:t1]
             idx = keep.nonzero().squeeze(1)                                   # [C] loss rows of this slice
-            h_c = h_flat[t0:t1].index_select(0, idx).to(cdt)                  # [C, H]
             tgt = t_flat[t0:t1].index_select(0, idx).long()                   # [C]
-            z = chunked._logits(h_c, w, b_, inv_temp)                         # [C, V]
-            lse = torch.logsumexp(z, dim=-1)                                  # [C]
-            logp_c = z.gather(1, tgt[:, None]).squeeze(1) - lse               # [C]
-            logq = z.sub_(lse[:, None])                                       # log softmax, in place  [C, V]
-            p = logq.exp()
-            logq.masked_fill_(p == 0, 0.0)                                    # 0 log 0 = 0
-            ent_c = -(p * logq).sum(-1) if need_entropy else None             # [C]
+            if triton_head is not None:                                       # kernels/slice_head.py
+                logp_c, ent_c = triton_head.logprobs(h_flat[t0:t1].index_select(0, idx), tgt)
+                ent_c = ent_c if need_entropy else None
+            else:
+                h_c = h_flat[t0:t1].index_select(0, idx).to(cdt)              # [C, H]
+                z = chunked._logits(h_c, w, b_, inv_temp)                     # [C, V]
+                lse = torch.logsumexp(z, dim=-1)                              # [C]
+                logp_c = z.gather(1, tgt[:, None]).squeeze(1) - lse           # [C]
+                logq = z.sub_(lse[:, None])                                   # log softmax, in place  [C, V]
+                p = logq.exp()
+                logq.masked_fill_(p == 0, 0.0)                                # 0 log 0 = 0
+                ent_c = -(p * logq).sum(-1) if need_entropy else None         # [C]
 
             # the slice's loss, with batch-wide denominators, differentiated w.r.t. its log-probs and entropy
             lp_leaf = logp_c.detach().requires_grad_()
@@ -323,6 +350,13 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
                 grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
             total += out.loss.detach()
             g_lp = grads[0] if grads[0] is not None else torch.zeros_like(logp_c)
+            rows = idx + t0
+            logp_all.index_copy_(0, rows, logp_c)
+            if need_entropy:
+                ent_all.index_copy_(0, rows, ent_c)
+            if triton_head is not None:
+                dh.index_copy_(0, rows, triton_head.backward(g_lp, grads[1] if need_entropy else None))
+                continue
             # dz = g_lp ([v == t] - p) - g_ent p (log p + ent), times 1/temperature
             if need_entropy and grads[1] is not None:
                 dz = logq.add_(ent_c[:, None]).mul_(p).mul_(-grads[1][:, None])
@@ -331,15 +365,13 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
                 dz = p.mul_(-g_lp[:, None])
             dz.scatter_add_(1, tgt[:, None], g_lp[:, None])
             dz.mul_(inv_temp)
-            rows = idx + t0
             dh.index_copy_(0, rows, dz @ w)
             dw.addmm_(dz.T, h_c)
             if db is not None:
                 db += dz.sum(0)
-            logp_all.index_copy_(0, rows, logp_c)
-            if need_entropy:
-                ent_all.index_copy_(0, rows, ent_c)
             del z, logq, p, dz
+        if triton_head is not None:
+            return total, dh, triton_head.dw, triton_head.db
         return total, dh, dw, db
 
     loss = _SinglePassLoss.apply(hidden, weight, head["bias"], run)

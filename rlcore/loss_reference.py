@@ -1,6 +1,6 @@
 """Float64 ground truth of ``rlcore.policy_loss`` and ``rlcore.vstar``: for tests only, slow by design.
 
-Every formula of the contract (``LOSSES.md`` and the policy-loss spec that pins its defaults and edge cases) is
+Every formula of the contract (``docs/losses.md``, which pins the defaults and edge cases) is
 written out literally, one token at a time, in float64:
 
 - The batch is first split into a Python list of sequences, each a list of the flat positions of its loss tokens

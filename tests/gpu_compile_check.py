@@ -81,8 +81,8 @@ def kernel_launches(kind: str, h: str, w: str, cast_fp32: bool) -> list[tuple]:
         return [("fwd", "fwd", {"h": h, "w": w}, {}, {"stride_hh", "stride_wh"})]
     return [
         ("dz", "dz", {"h": h, "w": w, "dz": dz}, {}, {"stride_hh", "stride_wh"}),
-        ("matmul", "dW", {"x": dz, "y": h, "out": w}, {"ACCUMULATE": False}, {"stride_xm", "stride_yn", "stride_on"}),
-        ("matmul", "dh", {"x": dz, "y": w, "out": "fp32"}, {"ACCUMULATE": True},
+        ("matmul", "dW", {"x": dz, "y": h, "out": w}, {"ACCUMULATE": False, "ROWS": 2}, {"stride_xm", "stride_yn", "stride_on"}),
+        ("matmul", "dh", {"x": dz, "y": w, "out": "fp32"}, {"ACCUMULATE": True, "ROWS": 1},
          {"stride_xk", "stride_yn", "stride_on"}),
     ]
 
@@ -92,20 +92,22 @@ def kernel_launches(kind: str, h: str, w: str, cast_fp32: bool) -> list[tuple]:
 # float32; the bias has the weight's dtype. Arguments absent here are constexprs.
 _ARG_TYPES = {
     "fwd": {
-        "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32",
+        "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32", "z_ptr": "*fp32",
         "N": "i32", "V": "i32", "H": "i32", "SPAN": "i32", "SPLITS": "i32",
         "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32", "inv_temp": "fp32",
         "ignore_index": "i32",
     },
     "dz": {
-        "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+        "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "live_ptr": "*i8", "lse_ptr": "*fp32",
+        "ent_ptr": "*fp32",
         "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": "*dz",
         "N": "i32", "V": "i32", "H": "i32", "v_start": "i32", "VC": "i32",
         "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32",
         "inv_temp": "fp32", "ignore_index": "i32",
     },
     "matmul": {
-        "x_ptr": "*x", "y_ptr": "*y", "out_ptr": "*out", "M": "i32", "N": "i32", "K": "i32",
+        "x_ptr": "*x", "y_ptr": "*y", "out_ptr": "*out", "live_ptr": "*i8", "klist_ptr": "*i32",
+        "kcount_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
         "stride_xm": "i32", "stride_xk": "i32", "stride_yk": "i32", "stride_yn": "i32",
         "stride_om": "i32", "stride_on": "i32",
     },
@@ -154,9 +156,42 @@ _INT64_CHECKS.update({
 _KERNEL_FN.update(segment_sum="_segment_sum_kernel", segment_broadcast="_segment_broadcast_kernel")
 
 
+# --- the fused loss's single pass (rlcore.kernels.slice_head): dz from the stored FP32 logits, no dot ----------------
+_ARG_TYPES["dz_from_logits"] = {
+    "z_ptr": "*fp32", "t_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
+    "gent_ptr": "*fp32", "dz_ptr": "*dz", "C": "i32", "V": "i32", "inv_temp": "fp32",
+}
+_INT64_CHECKS["dz_from_logits"] = {"z": ("z_ptr", "V"), "dz": ("dz_ptr", "V")}
+_KERNEL_FN["dz_from_logits"] = "_dz_from_logits_kernel"
+
+
+def _slice_head_jobs(archs) -> list[dict]:
+    """The elementwise dz kernel of the single pass: dz in bf16, fp16 or FP32, with and without the entropy term."""
+    module = _kernels_module("dz_from_logits")
+    jobs = []
+    for dz in ("bf16", "fp16", "fp32"):
+        for grad_ent in (False, True):
+            for arch in archs:
+                job = dict(
+                    kernel="dz_from_logits", role="dz_from_logits", table="default", index=0,
+                    config=dict(BLOCK_N=module._DZ_BLOCK_N, BLOCK_V=module._DZ_BLOCK_V, num_warps=module._DZ_WARPS,
+                                num_stages=1),
+                    inputs=(dz, "fp32"), dtypes={"dz": dz}, constexprs={"HAS_GRAD_ENT": grad_ent},
+                    unit_strides=[], mode=None, arch=arch,
+                    ints=dict(C=3500, V=151936),
+                )
+                job["id"] = job_id(job) + ("-ent" if grad_ent else "")
+                jobs.append(job)
+    return jobs
+
+
 def _kernels_module(kernel: str = "fwd"):
-    """The module defining ``kernel``: ``rlcore.kernels.segments`` for the segment reductions, else
-    ``rlcore.kernels.linear_logprobs``."""
+    """The module defining ``kernel``: ``rlcore.kernels.segments`` for the segment reductions,
+    ``rlcore.kernels.slice_head`` for the single pass's dz kernel, else ``rlcore.kernels.linear_logprobs``."""
+    if kernel == "dz_from_logits":
+        from rlcore.kernels import slice_head
+
+        return slice_head
     if kernel in _SEGMENT_KERNELS:
         from rlcore.kernels import segments
 
@@ -175,12 +210,61 @@ def job_id(job: dict) -> str:
         mode = "-" + (job["mode"]["dot_precision"] if job["mode"]["cast_fp32"] else "native")
     name = job["kernel"] if job["role"] == job["kernel"] else f"{job['kernel']}:{job['role']}"
     blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK_"))
+    flags = "".join(f for f, k in (("b", "HAS_BIAS"), ("e", "HAS_GRAD_ENT"), ("z", "Z_OUT"))
+                    if job["constexprs"].get(k))
+    variant = "" if job["kernel"] not in ("fwd", "dz") else f"-v{flags or '0'}"
+    shape = f"-{job['shape']}" if "shape" in job else ""
     return (f"{name}-{job['table']}[{job['index']}]-{blocks}-w{c['num_warps']}s{c['num_stages']}"
-            f"-{job['inputs'][0]}+{job['inputs'][1]}{mode}-sm{job['arch']}")
+            f"-{job['inputs'][0]}+{job['inputs'][1]}{mode}{variant}{shape}-sm{job['arch']}")
+
+
+# The shapes whose launches are compiled: Qwen2.5-7B's head (H = 3584, V = 152064) and a 4096 x 151936 head, with a
+# batch of rows that is a multiple of 16 and one that is not. Triton specializes every int argument by its value
+# (``% 16 == 0`` gives ``tt.divisibility = 16``, which decides vectorized loads, TMA use and pipelining; ``== 1``
+# becomes a constant), so the binary a launch runs depends on these values: ``launch_ints`` mirrors the host code
+# to compute them, and ``compile_job`` specializes exactly as a launch would.
+SHAPES = {"aligned": dict(N=16384, H=4096, V=151936), "ragged": dict(N=16383, H=3584, V=152064)}
+SM_COUNT = {80: 108, 90: 132}
+
+
+def launch_ints(kernel: str, role: str, shape: dict, cfg: dict, arch: int) -> dict:
+    """The int arguments ``kernel`` (``role``) is launched with at ``shape`` (its first, widest vocabulary slice for
+    the backward), as ``rlcore.kernels.linear_logprobs`` computes them."""
+    module = _kernels_module()
+    N, H, V = shape["N"], shape["H"], shape["V"]
+    if kernel == "fwd":
+        n_blocks = -(-N // cfg["BLOCK_N"])
+        target = module._TARGET_PROGRAMS_PER_SM * SM_COUNT[arch]
+        splits = max(module._MIN_SPLITS, -(-target // n_blocks))
+        splits = max(1, min(-(-V // module._SPAN_QUANTUM), splits))
+        span = -(-(-(-V // splits)) // module._SPAN_QUANTUM) * module._SPAN_QUANTUM
+        return dict(N=N, V=V, H=H, SPAN=span, SPLITS=-(-V // span), stride_hn=H, stride_hh=1, stride_wv=H,
+                    stride_wh=1, ignore_index=-100)
+    cols = max(module._DZ_BUFFER_FACTOR * H, module._DZ_BUFFER_MIN_ELEMENTS // N)
+    cols = min(max(module._SLICE_QUANTUM, cols // module._SLICE_QUANTUM * module._SLICE_QUANTUM), V)
+    if kernel == "dz":
+        return dict(N=N, V=V, H=H, v_start=cols, VC=cols, stride_hn=H, stride_hh=1, stride_wv=H, stride_wh=1,
+                    ignore_index=-100)
+    if role == "dW":   # dz^T [c, N] (strides 1, c) @ h [N, H] -> dW[slice] [c, H]
+        return dict(M=cols, N=H, K=N, stride_xm=1, stride_xk=cols, stride_yk=H, stride_yn=1, stride_om=H,
+                    stride_on=1)
+    return dict(M=N, N=H, K=cols, stride_xm=cols, stride_xk=1, stride_yk=H, stride_yn=1, stride_om=H, stride_on=1)
+
+
+def _variants(kernel: str) -> list[dict]:
+    """The compile-time variants a kernel ships in: bias or not, an entropy gradient or not."""
+    if kernel == "fwd":   # Z_OUT: the fused loss's single pass, which keeps the logits
+        return [dict(HAS_BIAS=b, Z_OUT=z) for z in (False, True) for b in (False, True)]
+    if kernel == "dz":
+        return [dict(HAS_BIAS=b, HAS_GRAD_ENT=e) for b in (False, True) for e in (False, True)]
+    return [{}]
 
 
 def enumerate_jobs(archs=ARCHS) -> list[dict]:
-    """Every (kernel, role, config table, config, dtypes, mode, arch) combination, as JSON-able dicts with an ``id``.
+    """Every (kernel, role, config table, config, dtypes, mode, variant, shape, arch) combination, as JSON-able
+    dicts with an ``id``. The default config of each table (the one that launches unless autotuning or
+    ``RLCORE_CONFIG_INDEX`` says otherwise) is built in every variant at the aligned shape and in the superset
+    variant (bias and entropy on) at the ragged one; the alternatives in the superset variant at the aligned shape.
 
     Importing the kernels module is all this needs (it works under the interpreter too), so the test can build its
     parametrization at collection time.
@@ -196,22 +280,37 @@ def enumerate_jobs(archs=ARCHS) -> list[dict]:
         for kernel, role, dtypes, constexprs, unit_strides in kernel_launches(kind, h_dtype, w_dtype, cast_fp32):
             operand = dtypes.get("x", h_dtype)  # the dtype the config table is chosen by, as the host does
             key = module._config_key(mode, getattr(torch, _TORCH_DTYPES[operand]))
-            for index, cfg in enumerate(module.CONFIGS[kernel][key]):
-                for arch in archs:
-                    job = dict(
-                        kernel=kernel, role=role, table=key, index=index, config=dataclasses.asdict(cfg),
-                        inputs=(h_dtype, w_dtype), dtypes=dtypes, constexprs=constexprs,
-                        unit_strides=sorted(unit_strides),
-                        mode=dict(cast_fp32=cast_fp32, dot_precision=dot_precision), arch=arch,
-                    )
-                    # one job per distinct binary: e.g. bf16 and fp16 activations under an FP32 head reach the same
-                    # dh GEMM (FP32 dz times an FP32 head), and fp32 "default" / "fp32" launch the same kernels
-                    binary = json.dumps({k: v for k, v in job.items() if k != "inputs"}, sort_keys=True)
-                    if binary not in seen:
-                        seen.add(binary)
-                        job["id"] = job_id(job)
-                        jobs.append(job)
-    return jobs + _segment_jobs(archs)
+            for arch in archs:
+                for index, cfg in enumerate(module.CONFIGS[kernel][f"sm{arch}"][key]):
+                    superset = _variants(kernel)[-1]
+                    builds = [(superset, "aligned")]
+                    if index == 0:
+                        builds = [(v, "aligned") for v in _variants(kernel)] + [(superset, "ragged")]
+                    for variant, shape in builds:
+                        config = dataclasses.asdict(cfg)
+                        job = dict(
+                            kernel=kernel, role=role, table=key, index=index, config=config,
+                            inputs=(h_dtype, w_dtype), dtypes=dtypes, constexprs=dict(constexprs, **variant),
+                            unit_strides=sorted(unit_strides), shape=shape,
+                            ints=launch_ints(kernel, role, SHAPES[shape], config, arch),
+                            mode=dict(cast_fp32=cast_fp32, dot_precision=dot_precision), arch=arch,
+                        )
+                        # one job per distinct binary: e.g. bf16 and fp16 activations under an FP32 head reach
+                        # the same dh GEMM, fp32 "default" / "fp32" launch the same kernels, and two shapes may
+                        # specialize alike
+                        binary = json.dumps(
+                            {k: v for k, v in job.items() if k not in ("inputs", "shape", "ints")} |
+                            {"divisible": _divisible(job)}, sort_keys=True)
+                        if binary not in seen:
+                            seen.add(binary)
+                            job["id"] = job_id(job)
+                            jobs.append(job)
+    return jobs + _segment_jobs(archs) + _slice_head_jobs(archs)
+
+
+def _divisible(job: dict) -> list:
+    """The int arguments of ``job`` a launch marks divisible by 16."""
+    return sorted(k for k, v in job.get("ints", {}).items() if v % 16 == 0 and k not in job["unit_strides"])
 
 
 def _segment_jobs(archs) -> list[dict]:
@@ -335,7 +434,6 @@ def compile_job(job: dict) -> dict:
         CAST_FP32=job["mode"]["cast_fp32"], DOT_PRECISION=job["mode"]["dot_precision"])
     constexprs = dict(
         {name: 1 for name in job["unit_strides"]},
-        HAS_BIAS=True, HAS_GRAD_ENT=True,  # the superset of code paths
         UPCAST=False, ROUND_BF16=False, **mode, **job["constexprs"], **blocks,
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
@@ -348,13 +446,15 @@ def compile_job(job: dict) -> dict:
         if ty[1:] in dtype:
             ty = "*" + dtype[ty[1:]]
         signature[name] = ty
-        if ty.startswith("*") or name in _DIVISIBLE_INTS:
+        divisible = (name in job["ints"] and job["ints"][name] % 16 == 0) if "ints" in job else (
+            name in _DIVISIBLE_INTS)
+        if ty.startswith("*") or divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
     missing = set(fn.arg_names) - set(signature)
     assert not missing, f"no type for {missing}"
 
     record = dict(job, ok=False, error=None, shared=None, ptx_wgmma=None, ptx_mma_sync=None, int64_offsets=None,
-                  n_regs=None, n_spills=None, compile_s=None)
+                  pipelined=None, n_regs=None, n_spills=None, compile_s=None)
     log = io.StringIO()
     start = time.perf_counter()
     try:
@@ -377,6 +477,9 @@ def compile_job(job: dict) -> dict:
     record["shared"] = metadata["shared"]
     record["ptx_wgmma"] = bool(re.search(r"\bwgmma\.mma_async", ptx))  # Hopper warp-group MMA
     record["ptx_mma_sync"] = bool(re.search(r"\bmma\.sync\.aligned", ptx))  # Ampere-style warp MMA
+    # a software pipeline: the inner loop's tiles are fetched asynchronously into shared memory ahead of their use,
+    # by cp.async (sm_80, sm_90) or the tensor-memory accelerator (cp.async.bulk.tensor, sm_90)
+    record["pipelined"] = bool(re.search(r"\bcp\.async\.", ptx))
     record["int64_offsets"] = {
         name: int64_row_offsets(ttir, ptr, stride)
         for name, (ptr, stride) in _INT64_CHECKS[job["kernel"] if job["kernel"] == job["role"] else
@@ -425,9 +528,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (default 80 90)")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only the default config of each table (every variant and shape), no alternatives")
+    parser.add_argument("--only", default=None, metavar="TEXT", help="only the builds whose id contains TEXT")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    records = run(enumerate_jobs(tuple(args.arch)), workers=args.workers)
+    jobs = enumerate_jobs(tuple(args.arch))
+    if args.defaults_only:
+        jobs = [job for job in jobs if job["index"] == 0]
+    if args.only:
+        jobs = [job for job in jobs if args.only in job["id"]]
+    records = run(jobs, workers=args.workers)
     print(_summary(records), file=sys.stderr)
     print(f"{len(records)} builds in {time.perf_counter() - start:.1f} s on {args.workers} workers", file=sys.stderr)
     json.dump(records, sys.stdout)

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from ..losses import IS_MODES
 from .algorithms import ALGORITHMS
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "resolve_reward", "QUICK", "RESUME_FREE"]
 
 ENGINES = ("auto", "transformers", "vllm")
 PARALLEL = ("ddp", "fsdp2")
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_PRECISIONS = ("default", "tf32", "fp32")    # rlcore.PRECISIONS (not imported: rlcore.logprobs loads triton)
 
