@@ -9,6 +9,8 @@ Cases:
     loss_cispo  ``B`` sequences x ``T`` tokens (the first quarter of each is prompt, masked out): GSPO, CISPO and
     loss_apo    APO (``rlcore.policy_loss``'s presets), which reach the log-probs per sequence, per token and through
                 a squared regression. 3 head GEMMs (logits, dh, dW) over all ``N = B T`` rows.
+    distill     on-policy distillation: the mean reverse KL between a student and a teacher head, forward and
+                backward to the student (``rlcore.linear_divergence``); 4 head GEMMs. Only with ``--only distill``.
 
 All log-prob math comes from ``rlcore.reference`` (ground truth, eager baseline) or from the provider under test; all
 loss math from ``rlcore.policy_loss`` (the reference composition, in float64 for the ground truth) or from the
@@ -39,7 +41,7 @@ from rlcore.reference import linear_logprobs_reference
 
 from .shapes import Shape
 
-__all__ = ["Inputs", "Outputs", "LogprobsFn", "LossFn", "Case", "PolicyLoss", "CASES", "SAMPLE_ROWS",
+__all__ = ["Inputs", "Outputs", "LogprobsFn", "LossFn", "DivergenceFn", "Case", "PolicyLoss", "CASES", "SAMPLE_ROWS",
            "FLOP_CONVENTION", "loss_layout"]
 
 # Rows checked against the float64 reference: the reference is computed on these rows only, so it stays cheap at
@@ -83,6 +85,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tens
                   torch.Tensor]
 
 
+# (hidden [N, H], weight [V, H], teacher_hidden [N, H], teacher_weight [V, H]) -> the mean over positions of
+# KL(p_S || p_T) (0-d), differentiable in the student's hidden and weight
+DivergenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Inputs:
     hidden: torch.Tensor                          # [N, H] ([B, T, H] in loss_*), requires grad in fwd_bwd and loss_*
@@ -95,6 +102,7 @@ class Inputs:
     mask: Optional[torch.Tensor] = None           # [B, T] bool: False on the prompt
     loss_kwargs: Optional[dict] = None            # rlcore.policy_loss keywords: loss_type, old_logp [B, T], ...
     logp64: Optional[torch.Tensor] = None         # [N] float64 log-prob of every row (for the ground truth)
+    teacher: Optional[tuple] = None               # distill: (teacher hidden [N, H], teacher weight [V, H])
 
 
 @dataclass
@@ -140,6 +148,8 @@ class Case:
     needs_grad: bool
     description: str
     is_loss = False
+    is_divergence = False  # the timed call takes a DivergenceFn (a provider's divergence_fn)
+    in_default_run = True  # run when --only is not given
 
     def flops(self, shape: Shape, N: int) -> int:
         return self.gemms * 2 * N * shape.H * shape.V
@@ -333,7 +343,68 @@ class PolicyLoss(Case):
         }
 
 
+class Distill(Case):
+    """On-policy distillation: the mean over positions of the reverse KL ``KL(p_S || p_T)`` between a student head and
+    a teacher head (same ``H`` and ``V``, independent random weights), forward and backward to the student's hidden
+    states and head (the teacher is detached). 4 head GEMMs: both heads' logits, the student's dh and dW.
+
+    Not in the default run (``python -m bench --only distill``): the materialised reference holds several ``[N, V]``
+    tensors per head. Error columns: ``err_loss`` (the scalar mean KL against float64 over the whole batch) and
+    ``err_dh`` (the first ``SAMPLE_ROWS`` rows; a row's KL depends on that row and the two heads alone)."""
+
+    name = "distill"
+    gemms = 4
+    needs_grad = True
+    is_divergence = True
+    in_default_run = False
+    description = "mean reverse KL(student || teacher) of two heads, forward and backward to the student"
+
+    def make_inputs(self, shape, N, dtype, device, seed=0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        hidden, weight, targets = _random_head(shape, N, g)
+        t_hidden, t_weight, _ = _random_head(shape, N, g)
+        inp = Inputs(hidden=hidden.to(device=device, dtype=dtype).requires_grad_(True),
+                     weight=weight.to(device=device, dtype=dtype).requires_grad_(True), targets=targets.to(device))
+        inp.teacher = (t_hidden.to(device=device, dtype=dtype), t_weight.to(device=device, dtype=dtype))
+        return inp
+
+    def _run(self, fn, inp):
+        loss = fn(inp.hidden, inp.weight, *inp.teacher)                                   # 0-d
+        dh, _dw = torch.autograd.grad(loss, (inp.hidden, inp.weight))                     # [N, H], [V, H]
+        return Outputs(loss=loss.detach(), dh=dh)
+
+    def floor(self, inp):
+        h, w = inp.hidden.detach(), inp.weight.detach()
+        ht, wt = inp.teacher
+        gemms = _three_gemms(h, w)
+
+        def four():
+            with torch.no_grad():
+                torch.matmul(ht, wt.T)        # [N, V] the teacher's logits
+            gemms()
+        return four
+
+    def ground_truth(self, inp, rows=SAMPLE_ROWS):
+        from rlcore.divergence import linear_divergence_reference
+
+        h, w = inp.hidden.detach().double(), inp.weight.detach().double()
+        ht, wt = (x.double() for x in inp.teacher)
+        N = h.shape[0]
+        step = max(1, 2**24 // w.shape[0])                                                 # no [N, V] float64 buffer
+        with torch.no_grad():
+            total = sum(linear_divergence_reference(h[s:s + step], w, ht[s:s + step], wt).sum()
+                        for s in range(0, N, step))
+        hs = h[:rows].clone().requires_grad_(True)
+        div = linear_divergence_reference(hs, w, ht[:rows], wt)                            # [S]
+        (dh,) = torch.autograd.grad(div.sum() / N, (hs,))
+        return Outputs(loss=total / N, dh=dh)
+
+    def errors(self, out, truth):
+        return {"err_loss": (out.loss.double() - truth.loss).abs().item(),
+                "err_dh": _max_abs_err(out.dh, truth.dh)}
+
+
 LOSS_TYPES = ("gspo", "cispo", "apo")
 
 CASES: dict[str, Case] = {c.name: c for c in (Forward(), ForwardBackward(),
-                                                *(PolicyLoss(t) for t in LOSS_TYPES))}
+                                                *(PolicyLoss(t) for t in LOSS_TYPES), Distill())}

@@ -57,8 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a small subset, timed briefly (CPU: every case at N=1024 on cpu-small, without "
                         "torch.compile; a few minutes and under 2 GB on a 2-core CPU)")
-    p.add_argument("--only", type=_list(list(CASES)), default=tuple(CASES), metavar="CASE[,CASE]",
-                   help=f"cases to run (default: all of {', '.join(CASES)})")
+    default_cases = tuple(n for n, c in CASES.items() if c.in_default_run)
+    p.add_argument("--only", type=_list(list(CASES)), default=default_cases, metavar="CASE[,CASE]",
+                   help=f"cases to run (default: {', '.join(default_cases)}; also: "
+                        f"{', '.join(n for n in CASES if n not in default_cases)})")
     p.add_argument("--shapes", type=_list(list(SHAPES)), default=None, metavar="NAME[,NAME]",
                    help="LM-head shapes (default: cpu-small on CPU, real heads on CUDA)")
     p.add_argument("--providers", type=_list(list(PROVIDERS)), default=tuple(PROVIDERS), metavar="P[,P]",

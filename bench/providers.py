@@ -27,6 +27,11 @@ Peers, each skipped with the reason when its package is not installed (none is a
                    ``loss_gspo`` (sequence-level ratio, GSPO's clip range) and ``loss_cispo``; it has no A*PO loss
     cce            Apple's Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (Triton, CUDA only), with its
                    default gradient filtering; no entropy, so not in ``fwd_bwd``; loss cases: composed like liger-flce
+    liger-jsd      distill only: Liger-Kernel's chunked fused-linear JSD loss with beta=1 (its reverse KL)
+
+The distill case (two heads) runs gemm-floor, reference, compile, rlcore-torch and rlcore-triton
+(``rlcore.linear_divergence``) and liger-jsd; the other providers say why not. (TRL's chunked divergence is not a
+provider yet: TRL is not installed where this suite was written, so its call could not be checked.)
 
 New providers (peers such as Liger or Cut Cross-Entropy) subclass ``LogprobsProvider`` and join ``PROVIDERS``. A
 ``LogprobsProvider`` runs the loss cases as its log-probs composed with ``rlcore.policy_loss`` unless it overrides
@@ -49,7 +54,7 @@ from rlcore.fused import CHUNK_BUDGET
 from rlcore.losses import LOSSES
 from rlcore.reference import linear_logprobs_reference
 
-from .cases import Case, Inputs, LogprobsFn, LossFn, loss_layout
+from .cases import Case, DivergenceFn, Inputs, LogprobsFn, LossFn, loss_layout
 from .shapes import Shape
 
 __all__ = ["Context", "Provider", "LogprobsProvider", "PROVIDERS"]
@@ -133,7 +138,18 @@ class LogprobsProvider(Provider):
         """The loss of the ``loss_*`` cases: by default, this provider's log-probs then ``rlcore.policy_loss``."""
         return _compose(self.logprobs_fn())
 
+    def divergence_fn(self) -> Optional[DivergenceFn]:
+        """The ``distill`` case's mean reverse KL, or ``None`` where this provider has none (``not_for`` says why)."""
+        return None
+
+    def not_for(self, case):
+        if case.is_divergence and type(self).divergence_fn is LogprobsProvider.divergence_fn:
+            return f"{self.name} computes no divergence between two heads"
+        return None
+
     def build(self, case, inp):
+        if case.is_divergence:
+            return case.call(self.divergence_fn(), inp)
         return case.call(self.loss_fn(case, inp) if case.is_loss else self.logprobs_fn(), inp)
 
 
@@ -145,7 +161,7 @@ class GemmFloor(Provider):
     name = "gemm-floor"
     has_outputs = False
     # the [N, V] GEMM output (half-size in bf16, counted at 4 bytes)
-    logits_copies = {"fwd": 1.0, "fwd_bwd": 1.1, **{c: 1.1 for c in _LOSS_CASES}}
+    logits_copies = {"fwd": 1.0, "fwd_bwd": 1.1, **{c: 1.1 for c in _LOSS_CASES}, "distill": 2.1}
 
     def build(self, case, inp):
         return case.floor(inp)
@@ -156,22 +172,32 @@ def _eager_reference(hidden, weight, targets, return_entropy):
     return linear_logprobs_reference(hidden, weight, targets, return_entropy=return_entropy, compute_dtype=None)
 
 
+def _eager_divergence(hs, ws, ht, wt):
+    """The materialised baseline of ``distill``: both heads' logits in the input dtype, FP32 log-softmax."""
+    from rlcore.divergence import linear_divergence_reference
+
+    return linear_divergence_reference(hs, ws, ht, wt, compute_dtype=None).mean()
+
+
 class Reference(LogprobsProvider):
     name = "reference"
     # Measured on CPU in fp32 (cpu-small, N = 8192): fwd 2.0 (logits, log-softmax), fwd_bwd 5.0 (saved log-softmax,
     # exp, product, gradients); loss_* 3.0 (N = 2048: no entropy); a margin on top for bf16's extra FP32 copy of the
-    # logits.
-    logits_copies = {"fwd": 3.0, "fwd_bwd": 6.0, **{c: 4.0 for c in _LOSS_CASES}}
+    # logits. distill: two heads' logits, log-softmax, p and the product, then their gradients (an estimate).
+    logits_copies = {"fwd": 3.0, "fwd_bwd": 6.0, **{c: 4.0 for c in _LOSS_CASES}, "distill": 10.0}
 
     def logprobs_fn(self):
         return _eager_reference
+
+    def divergence_fn(self):
+        return _eager_divergence
 
 
 class Compiled(LogprobsProvider):
     name = "compile"
     compiles = True
     # Inductor fuses the softmax chain: measured on CPU in fp32 (tiny) at 0.5x (fwd) and 0.6x (fwd_bwd) the eager peak.
-    logits_copies = {"fwd": 1.5, "fwd_bwd": 4.0, **{c: 4.0 for c in _LOSS_CASES}}
+    logits_copies = {"fwd": 1.5, "fwd_bwd": 4.0, **{c: 4.0 for c in _LOSS_CASES}, "distill": 8.0}
 
     def unavailable(self, ctx):
         if ctx.device.type == "cpu":
@@ -189,6 +215,10 @@ class Compiled(LogprobsProvider):
         torch._dynamo.reset()
         return torch.compile(_compose(_eager_reference), dynamic=False)    # the whole composition, loss included
 
+    def divergence_fn(self):
+        torch._dynamo.reset()
+        return torch.compile(_eager_divergence, dynamic=False)
+
 
 class _Rlcore(LogprobsProvider):
     """``rlcore.linear_logprobs`` on one backend (and head precision); in the loss cases, the two-pass
@@ -201,6 +231,17 @@ class _Rlcore(LogprobsProvider):
 
     def loss_fn(self, case, inp):
         return _fused(strategy="two_pass", **self.options)
+
+    def not_for(self, case):
+        if case.is_divergence and set(self.options) != {"backend"}:
+            return "rlcore.linear_divergence takes no precision option"
+        if case.is_divergence and self.options["backend"] == "cpp":
+            return "rlcore.linear_divergence has no compiled CPU backend yet"
+        return None
+
+    def divergence_fn(self):
+        backend = self.options["backend"]
+        return lambda hs, ws, ht, wt: rlcore.linear_divergence(hs, ws, ht, wt, backend=backend).mean()
 
 
 class RlcoreTorch(_Rlcore):
@@ -298,7 +339,7 @@ class _Peer(LogprobsProvider):
     def not_for(self, case):
         if case.name == "fwd_bwd":
             return f"{self.package} has no entropy output (fwd_bwd differentiates log-probs and entropy)"
-        return None
+        return super().not_for(case)
 
     def logprobs_fn(self):
         ce = self.cross_entropy()
@@ -380,8 +421,30 @@ class LigerGRPO(Provider):
         return case.call(loss_fn, inp)
 
 
+class LigerJSD(Provider):
+    """Liger-Kernel's chunked fused-linear JSD loss (``LigerFusedLinearJSDLoss``, PyTorch under ``torch.compile``, so
+    it runs on CPU too) as a reverse KL: ``beta=1`` is its ``KL(p_S || p_T)``, ``weight_hard_loss=0`` drops its
+    cross-entropy term, and it divides the sum over tokens by their number: the ``distill`` case's mean. It
+    materialises a chunk of both heads' logits at a time."""
+
+    name = "liger-jsd"
+    compiles = True
+
+    def unavailable(self, ctx):
+        return _missing("liger_kernel.chunked_loss", "liger-kernel")
+
+    def not_for(self, case):
+        return None if case.is_divergence else "a distillation loss: runs in the distill case only"
+
+    def build(self, case, inp):
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0)
+        return case.call(lambda hs, ws, ht, wt: _first(module(hs, ws, ht, wt, inp.targets)), inp)
+
+
 # Run order within a group: the floor and the reference first, so every later row's ratios are known when it prints.
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     GemmFloor(), Reference(), Compiled(), RlcoreTorch(), Rlcore1Pass(), RlcoreCpp(), RlcoreTriton(),
-    RlcoreTritonFP32(), LigerFLCE(), LigerGRPO(), CutCrossEntropy(),
+    RlcoreTritonFP32(), LigerFLCE(), LigerGRPO(), CutCrossEntropy(), LigerJSD(),
 )}

@@ -48,7 +48,7 @@ _LOSS_CASES = ("loss_gspo", "loss_cispo", "loss_apo")
 _TOKENS = {
     ("cpu", True): (1024,),
     ("cpu", False): {"fwd": (1024, 4096, 16384), "fwd_bwd": (1024, 4096, 8192, 16384),
-                     **{c: (2048, 8192) for c in _LOSS_CASES}},
+                     **{c: (2048, 8192) for c in _LOSS_CASES}, "distill": (1024, 8192)},
     ("cuda", True): (4096, 16384),
     ("cuda", False): (1024, 4096, 16384, 65536),
 }

@@ -396,6 +396,30 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, prec
     return backend
 
 
+def _is_multi_target(hidden, targets) -> bool:
+    """``targets [..., K]`` (as many dimensions as ``hidden [..., H]``): several ids per position."""
+    return (isinstance(hidden, torch.Tensor) and isinstance(targets, torch.Tensor) and hidden.dim() >= 1
+            and targets.dim() == hidden.dim())
+
+
+def _linear_logprobs_multi(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, precision,
+                           backend, check_targets, process_group):
+    """``linear_logprobs`` with ``targets [..., K]``: ``rlcore.multi_target``."""
+    from .multi_target import multi_target_logprobs
+
+    if process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias):
+        raise ValueError("targets of shape [..., K] (several ids per position) do not support a sharded head "
+                         "(process_group / DTensor) yet; pass targets of shape [...]")
+    if targets.shape[-1] == 0:
+        raise ValueError(f"targets of shape [..., K] need K >= 1 ids per position, got {tuple(targets.shape)}")
+    backend = _check_inputs(hidden, weight, targets[..., 0], bias, temperature, ignore_index, precision, backend)
+    K = targets.shape[-1]
+    logp, ent = multi_target_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1, K),
+                                      float(temperature), int(ignore_index), precision, backend, bool(check_targets))
+    logp = logp.view(targets.shape)
+    return (logp, ent.view(targets.shape[:-1])) if return_entropy else logp
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -427,7 +451,8 @@ def linear_logprobs(
     Args:
         hidden: ``[..., H]`` final hidden states (bf16, fp16, fp32; float64 on the torch backend).
         weight: ``[V, H]`` LM-head weight.
-        targets: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        targets: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``; or ``[..., K]`` (as many dimensions
+            as ``hidden``): ``K`` ids per position, whose log-probs come from the same pass (``rlcore.multi_target``).
         bias: optional ``[V]``; ``-inf`` entries mask vocabulary out (at least one entry must stay finite).
         temperature: logits are divided by it (sampling temperature of the rollout engine).
         ignore_index: positions with this target give log-prob 0, entropy 0 and no gradient.
@@ -457,7 +482,8 @@ def linear_logprobs(
             ``temperature=1/s``.
 
     Returns:
-        ``logp [...]`` float32 (float64 for float64 inputs), or ``(logp, entropy)`` with ``return_entropy=True``.
+        ``logp [...]`` (``[..., K]`` for ``K`` ids per position) float32 (float64 for float64 inputs), or
+        ``(logp, entropy)`` with ``return_entropy=True`` (``entropy [...]``).
 
     Example::
 
@@ -469,6 +495,12 @@ def linear_logprobs(
     """
     sharded = process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias)
     backend = _check_softcap(softcap, backend, hidden.device if isinstance(hidden, torch.Tensor) else None, sharded)
+    if _is_multi_target(hidden, targets):
+        if softcap:
+            raise ValueError("softcap does not take several targets per position (targets [..., K]): the K ids' "
+                             "logits are formed from uncapped head-row differences; pass one target per position")
+        return _linear_logprobs_multi(hidden, weight, targets, bias, temperature, ignore_index, return_entropy,
+                                      precision, backend, check_targets, process_group)
     if sharded:
         weight, bias = distributed.local_head(weight, bias, process_group)
     check = (hidden, weight, targets, bias, temperature, ignore_index, precision, backend)
