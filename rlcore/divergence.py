@@ -40,7 +40,6 @@ from typing import Optional
 import torch
 
 from . import chunked
-from .kernels.common import is_interpreter
 
 __all__ = ["linear_divergence", "linear_divergence_reference", "teacher_topk", "opd_advantages", "KINDS", "BACKENDS", "chunked_divergence_fwd",
            "chunked_divergence_bwd", "combine"]
@@ -458,6 +457,8 @@ def _check_inputs(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_
     if backend == "triton":
         if fp64:
             raise TypeError("backend='triton' does not take float64 inputs; use backend='torch' (or 'auto')")
+        from .kernels.common import is_interpreter     # on first use: importing rlcore imports no Triton
+
         if hidden.device.type != "cuda" and not is_interpreter():
             raise ValueError(f"backend='triton' needs CUDA tensors (got {hidden.device}), or TRITON_INTERPRET=1 set "
                              "before rlcore's kernels are first imported")
