@@ -124,18 +124,20 @@ def _real(name: str, x) -> float:
     return value
 
 
-def _positive(name: str, x) -> float:
-    value = _real(name, x)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {x!r}")
-    return value
+def _real_where(ok, what: str):
+    """A check: a finite real number for which ``ok(value)`` holds, else ``ValueError`` "<name> must be <what>"."""
+    def check(name: str, x) -> float:
+        value = _real(name, x)
+        if not ok(value):
+            raise ValueError(f"{name} must be {what}, got {x!r}")
+        return value
+    return check
 
 
-def _nonneg(name: str, x) -> float:
-    value = _real(name, x)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {x!r}")
-    return value
+_positive = _real_where(lambda v: v > 0, "> 0")
+_nonneg = _real_where(lambda v: v >= 0, ">= 0")
+_above_one = _real_where(lambda v: v > 1, "> 1")
+_fraction = _real_where(lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def _or_none(check):
@@ -158,20 +160,6 @@ def _flag(name: str, x) -> bool:
     if not isinstance(x, bool):
         raise TypeError(f"{name} must be True or False, got {x!r}")
     return x
-
-
-def _above_one(name: str, x) -> float:
-    value = _real(name, x)
-    if value <= 1:
-        raise ValueError(f"{name} must be > 1, got {x!r}")
-    return value
-
-
-def _fraction(name: str, x) -> float:
-    value = _real(name, x)
-    if not 0 < value <= 1:
-        raise ValueError(f"{name} must be in (0, 1], got {x!r}")
-    return value
 
 
 def _count(name: str, x):
