@@ -9,7 +9,8 @@ __all__ = ["plot_rewards"]
 
 
 def plot_rewards(history: List[Dict], path: Path, title: str = "") -> Optional[Path]:
-    """Training reward per step (and its running mean) and the held-out reward; ``None`` without matplotlib."""
+    """Training reward per step (and its running mean), the held-out reward, and the teacher's held-out reward as
+    horizontal lines when the history holds it (opd, kd); ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -32,6 +33,10 @@ def plot_rewards(history: List[Dict], path: Path, title: str = "") -> Optional[P
                 label="held-out reward (sampled)")
         ax.plot([r["step"] for r in evals], [r["eval_greedy"] for r in evals], "s--", color="tab:green",
                 label="held-out reward (greedy)")
+    target = next((r for r in history if "teacher_eval_reward" in r), None)
+    if target is not None:                  # opd, kd: the teacher's held-out reward is the target
+        ax.axhline(target["teacher_eval_reward"], color="tab:red", ls=":", label="teacher, held-out (sampled)")
+        ax.axhline(target["teacher_eval_greedy"], color="tab:purple", ls="-.", label="teacher, held-out (greedy)")
     ax.set_xlabel("RL step")
     ax.set_ylabel("reward")
     ax.set_ylim(-0.02, 1.02)
