@@ -202,11 +202,11 @@ class TrainConfig:
                                                                       "teacher_steps, saved in out/teacher/model"),
                                 "opd/kd: the teacher's model dir (out/model of an rlcore train run, or any "
                                 "AutoModelForCausalLM dir over the student's vocabulary)")
-    teacher_algo: str = _f("grpo", Kind(str, choices=REWARD_ALGOS), "the algorithm that trains the teacher first")
+    teacher_algo: str = _f("gspo", Kind(str, choices=REWARD_ALGOS), "the algorithm that trains the teacher first")
     teacher_steps: int = _f(300, POS, "RL steps of the teacher trained first")
-    teacher_hidden: int = _f(128, POS, "hidden size of the teacher trained first (a tiny random Llama)")
+    teacher_hidden: int = _f(64, POS, "hidden size of the teacher trained first (a tiny random Llama)")
     teacher_layers: int = _f(2, POS, "layers of the teacher trained first")
-    teacher_heads: int = _f(4, POS, "attention heads of the teacher trained first")
+    teacher_heads: int = _f(2, POS, "attention heads of the teacher trained first")
     opd_baseline: str = _f("full", Kind(str, choices=OPD_BASELINES),
                            "opd's control variate b_t = -KL(p_S || p_T) per token: over the full vocabulary, the "
                            "teacher's top_k ids, or none")
