@@ -8,14 +8,17 @@ One RL step:
 2. Roll out ``prompts_per_step`` prompts x ``group_size`` samples (OAPL: into its buffer, then draw a batch from it)
    and score them with the reward function.
 3. Recompute the batch's log-probs under the current policy (``old_logp``) and, where needed, the reference; the
-   gap to the sampler's own log-probs is the training-inference mismatch, reported every step.
+   gap to the sampler's own log-probs is the training-inference mismatch, reported every step. opd and kd: the
+   frozen teacher scores the batch instead of the reward (its hidden states, its head through rlcore).
 4. ``epochs`` gradient steps on the fused loss. A step whose loss or gradient norm is not finite is skipped (and
    said so); the optimizer state is untouched. After ``max_skipped`` steps in a row with every update skipped, the
    run stops with a :class:`RunError` saying why (a NaN reward, say) rather than running on, learning nothing.
 
 Bookkeeping: ``out/metrics.jsonl`` (one strict-JSON object per step: ``step``, ``reward``, the loss metrics, ...;
 a non-finite value is written as ``null``; step 0 is the evaluation before RL), a progress bar and periodic lines on the terminal, ``out/checkpoint.pt`` (model, optimizer,
-reference, lagged sampler, buffer, every rank's RNG, step), and ``out/reward.png``.
+reference, lagged sampler, buffer, every rank's RNG, step), ``out/reward.png``, and at the end ``out/model`` (the
+policy as a Hugging Face model dir: what ``teacher`` loads). Without ``teacher``, opd and kd train one first in
+``out/teacher``.
 """
 
 from __future__ import annotations
@@ -559,9 +562,17 @@ class Trainer:
         if self.cfg.plot:
             from .plot import plot_rewards
 
-            path = plot_rewards(self.history, self.out / "reward.png", title=f"{self.cfg.algo} on {self.cfg.task}")
+            path = plot_rewards(self.history, self.out / "reward.png", title=self._plot_title())
             _say(f"[rlcore] reward curve: {path}" if path else
                  "[rlcore] matplotlib is not installed: no reward.png (pip install matplotlib)")
+
+
+    def _plot_title(self) -> str:
+        title = f"{self.cfg.algo} on {self.cfg.task}"
+        if self.teacher is None:
+            return title
+        return (f"{title}: a student of hidden {head_weight(self.model).shape[1]} from a teacher of hidden "
+                f"{head_weight(self.teacher.model).shape[1]}")
 
 
 _CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "ranks")
@@ -614,6 +625,8 @@ def _line(r: Dict, steps: int) -> str:
     parts = [f"step {r['step']}/{steps}", f"reward {r['reward']:.3f}", f"loss {r['loss']:.4g}"]
     if "eval_reward" in r:
         parts.append(f"eval {r['eval_reward']:.3f} (greedy {r['eval_greedy']:.3f})")
+    if "kl_sampled" in r:                                    # opd, kd: how far the student is from the teacher
+        parts.append(f"kl to teacher {r['kl_sampled']:.3f}")
     parts += [f"mismatch {r['mismatch_abs_max']:.1e}", f"{r['time_step']:.2f}s/step"]
     if r.get("skipped"):
         parts.append("SKIPPED")
