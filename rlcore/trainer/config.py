@@ -337,8 +337,8 @@ _DEFAULTS: Dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Train
 def _field_kind(name: str) -> Kind:
     return TrainConfig.__dataclass_fields__[name].metadata["kind"]
 
-# The demo shortened to a few minutes on a 2-core CPU (rlcore train --quick).
-QUICK: Dict[str, Any] = dict(steps=120, eval_every=20, log_every=20, save_every=60)
+# The demo shortened to a few minutes on a 2-core CPU (rlcore train --quick; opd and kd: the teacher's run too).
+QUICK: Dict[str, Any] = dict(steps=120, teacher_steps=120, eval_every=20, log_every=20, save_every=60)
 
 # What the teacher trained first shares with the student's run (TrainConfig.teacher_config).
 TEACHER_SHARED = ("seed", "task", "task_digits", "reward", "train_prompts", "eval_prompts", "model", "dtype",

@@ -566,7 +566,6 @@ class Trainer:
             _say(f"[rlcore] reward curve: {path}" if path else
                  "[rlcore] matplotlib is not installed: no reward.png (pip install matplotlib)")
 
-
     def _plot_title(self) -> str:
         title = f"{self.cfg.algo} on {self.cfg.task}"
         if self.teacher is None:

@@ -13,8 +13,8 @@ from torch import nn
 
 import rlcore
 
-__all__ = ["attn_implementation", "build_model", "load_pretrained", "quiet_transformers", "load_teacher", "hidden_states", "head_weight",
-           "PolicyObjective", "batch_logprobs", "teacher_scores"]
+__all__ = ["attn_implementation", "build_model", "load_pretrained", "quiet_transformers", "load_teacher",
+           "hidden_states", "head_weight", "PolicyObjective", "batch_logprobs", "teacher_scores"]
 
 
 def attn_implementation(device: torch.device) -> str:
