@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="a JSON or YAML file of TrainConfig fields")
     from .trainer.tasks import TASKS
 
-    metavars = dict(out="DIR", model="PATH", reward="MODULE:FUNCTION")
+    metavars = dict(out="DIR", model="PATH", teacher="PATH", reward="MODULE:FUNCTION")
     for name, (text, kind) in TrainConfig.fields_help().items():
         default = _DEFAULTS[name]
         if name == "task":                           # a registry (rlcore.trainer.TASKS), so its current keys

@@ -198,8 +198,7 @@ class TrainConfig:
     oapl_lag: int = _f(4, POS, "OAPL: the sampler is synced to the policy every oapl_lag steps")
     oapl_buffer: int = _f(4, POS, "OAPL: rollout batches kept; each step trains on one drawn from them")
     # ---- distillation (opd, kd): the student samples, the teacher scores every token
-    teacher: Optional[str] = _f(None, Kind(str, optional=True, none="train one first: teacher_algo for "
-                                                                      "teacher_steps, saved in out/teacher/model"),
+    teacher: Optional[str] = _f(None, Kind(str, optional=True, none="train one first, in out/teacher"),
                                 "opd/kd: the teacher's model dir (out/model of an rlcore train run, or any "
                                 "AutoModelForCausalLM dir over the student's vocabulary)")
     teacher_algo: str = _f("gspo", Kind(str, choices=REWARD_ALGOS), "the algorithm that trains the teacher first")
