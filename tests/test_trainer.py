@@ -4,6 +4,7 @@ teacher-forced pass, masked tool tokens, resume, the non-finite guard, bad confi
 Every run is a tiny random Llama (hidden 64, 2 layers, vocabulary 19) for a handful of steps: seconds on a CPU.
 """
 
+import copy
 import json
 import math
 import os
@@ -20,7 +21,8 @@ pytest.importorskip("transformers")
 import rlcore  # noqa: E402
 from rlcore.trainer import ALGORITHMS, TASKS, Task, TrainConfig, Trainer, load_config  # noqa: E402
 from rlcore.trainer.algorithms import loss_kwargs  # noqa: E402
-from rlcore.trainer.policy import batch_logprobs  # noqa: E402
+from rlcore.divergence import linear_divergence_reference  # noqa: E402
+from rlcore.trainer.policy import batch_logprobs, head_weight, hidden_states  # noqa: E402
 from rlcore.trainer.rollout import RolloutEngine, Sample, TransformersEngine, collate, rollout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,8 +153,6 @@ def test_multi_turn_tool_tokens_are_masked_and_get_no_gradient(tmp_path):
         obs[i, start - 1:end - 1] = True                             # targets are shifted by one
     assert obs.any() and not (batch.loss_mask & obs).any()
     assert batch.loss_mask.sum(1).tolist() == [len("[23*4]92") + 1] * 2 + [len("[7*8]56") + 1] * 2
-
-    from rlcore.trainer.policy import head_weight, hidden_states
 
     h = hidden_states(tr.model, batch.input_ids, batch.attention_mask)[:, :-1].detach().requires_grad_(True)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
@@ -349,29 +349,14 @@ def teacher_dir(tmp_path_factory):
     return str(tr.model_dir)
 
 
-def _log_softmax64(model, batch, temperature):
-    """float64 log-probs ``[B, T - 1, V]`` from a float64 copy of ``model``'s own forward (its logits, materialised)."""
-    import copy
-
+def _float64_view(model, batch, temperature):
+    """A float64 copy of ``model``: its hidden states ``[B, T - 1, H]``, head ``[V, H]`` and, from its own forward
+    (the logits materialised), the log-probs of the batch's targets ``[B, T - 1]``."""
     m64 = copy.deepcopy(model).double()
     logits = m64(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    return m64, torch.log_softmax(logits / temperature, dim=-1)
-
-
-def _divergence64(ls, lt, kind, beta):
-    p, q = ls.exp(), lt.exp()
-    if kind == "reverse_kl":
-        return (p * (ls - lt)).sum(-1)
-    if kind == "forward_kl":
-        return (q * (lt - ls)).sum(-1)
-    lm = torch.logsumexp(torch.stack([ls + math.log(beta), lt + math.log(1 - beta)]), dim=0)
-    return beta * (p * (ls - lm)).sum(-1) + (1 - beta) * (q * (lt - lm)).sum(-1)
-
-
-def _on_top_k(ls, lt, k):
-    """Both log-prob rows restricted to the teacher's top-k ids and renormalised there."""
-    ids = lt.topk(k, dim=-1).indices
-    return ls.gather(-1, ids).log_softmax(-1), lt.gather(-1, ids).log_softmax(-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, batch.targets[..., None])[..., 0]
+    h = hidden_states(m64, batch.input_ids, batch.attention_mask)[:, :-1]
+    return m64, h, head_weight(m64), logp
 
 
 @pytest.mark.parametrize("algo, extra", [
@@ -396,19 +381,19 @@ def test_distillation_step_equals_a_float64_reference(tmp_path, teacher_dir, alg
     params = list(tr.model.parameters())
     fused = torch.autograd.grad(out.loss, params)
 
-    student, ls = _log_softmax64(tr.model, batch, cfg.temperature)
-    _, lt = _log_softmax64(tr.teacher.model, batch, cfg.temperature)
-    lt = lt.detach()
-    pick = lambda lp: lp.gather(-1, batch.targets[..., None])[..., 0]                   # noqa: E731
+    student, hs, ws, ls = _float64_view(tr.model, batch, cfg.temperature)
+    ht, wt, lt = (x.detach() for x in _float64_view(tr.teacher.model, batch, cfg.temperature)[1:])
+
+    def divergence(kind, top_k):                   # both [B, T - 1, V] logit tensors, in float64
+        return linear_divergence_reference(hs, ws, ht, wt, kind=kind, beta=cfg.kd_beta, top_k=top_k,
+                                           temperature=cfg.temperature, softmax_dtype=torch.float64)
+
     if algo == "opd":
-        kl = {"full": lambda: _divergence64(ls, lt, "reverse_kl", 0.5),
-              "topk": lambda: _divergence64(*_on_top_k(ls, lt, cfg.top_k), "reverse_kl", 0.5),
-              "none": lambda: torch.zeros_like(lt[..., 0])}[cfg.opd_baseline]()
-        adv = (pick(lt) - pick(ls) + kl).detach()
-        per_token = -adv * pick(ls)
+        kl = {"full": lambda: divergence("reverse_kl", None), "topk": lambda: divergence("reverse_kl", cfg.top_k),
+              "none": lambda: torch.zeros_like(lt)}[cfg.opd_baseline]()
+        per_token = -(lt - ls + kl).detach() * ls
     else:
-        pair = _on_top_k(ls, lt, cfg.top_k) if cfg.top_k else (ls, lt)
-        per_token = _divergence64(*pair, cfg.kd_kind, cfg.kd_beta)
+        per_token = divergence(cfg.kd_kind, cfg.top_k)
     want = torch.where(m, per_token, 0.0).sum() / m.sum()
     plain = torch.autograd.grad(want, list(student.parameters()))
 
@@ -425,8 +410,6 @@ def test_distillation_trains_end_to_end_from_a_config_file(tmp_path, teacher_dir
     updated), its held-out reward is the step-0 target, the student's reverse KL to it (exact, over the vocabulary,
     on a fixed batch of demonstrations) falls, out/model is written."""
     from transformers import AutoModelForCausalLM
-
-    from rlcore.trainer.policy import head_weight, hidden_states
 
     def kl_to_teacher(batch):
         with torch.no_grad():
