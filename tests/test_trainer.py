@@ -401,7 +401,7 @@ def test_distillation_step_equals_a_float64_reference(tmp_path, teacher_dir, alg
     torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
     for (name, _), g, r in zip(tr.model.named_parameters(), fused, plain):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6, msg=lambda s: f"{name}: {s}")
-    assert any(g.abs().max() > 1e-4 for g in fused)                   # a random teacher: far from the student
+    assert any(g.abs().max() > 1e-4 for g in fused)                   # the teacher is far from the student
 
 
 @pytest.mark.parametrize("algo, extra", [("opd", {}), ("kd", dict(kd_kind="jsd"))])
