@@ -381,8 +381,9 @@ def support_divergence(logp: torch.Tensor, teacher_logp: torch.Tensor, *, kind: 
                              or tuple(mask.shape) != tuple(logp.shape[:-1])):
         raise ValueError(f"mask must be a bool tensor of shape {tuple(logp.shape[:-1])}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    rows = True if mask is None else mask[..., None]
-    ls, lt = (torch.where(rows, x, 0.0).log_softmax(-1) for x in (logp, teacher_logp))   # renormalised there
+    if mask is not None:
+        logp, teacher_logp = (torch.where(mask[..., None], x, 0.0) for x in (logp, teacher_logp))
+    ls, lt = logp.log_softmax(-1), teacher_logp.log_softmax(-1)                       # renormalised there
     div = _divergence_from_logprobs(ls, lt, kind, beta)
     return div if mask is None else torch.where(mask, div, 0.0)
 

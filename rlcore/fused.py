@@ -171,11 +171,10 @@ def fused_policy_loss(
         loss_mask = loss_mask & (mask if mask.dtype == torch.bool else mask != 0)
     head = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, precision=precision,
                 backend=resolved_backend, check_targets=check_targets, process_group=process_group, softcap=softcap)
-    if others.any():
-        if sharded:
-            raise ValueError("teacher and reference heads do not take a sharded student head (process_group, "
-                             "DTensor); pass the per-token teacher_logp / teacher_kl / divergence / ref_kl instead")
-        inputs.update(_head_inputs(spec, opts, inputs, others, hidden, weight, targets, loss_mask, head, backend))
+    if others.any() and sharded:
+        raise ValueError("teacher and reference heads do not take a sharded student head (process_group, DTensor); "
+                         "pass the per-token teacher_logp / teacher_kl / divergence / ref_kl instead")
+    inputs.update(_head_inputs(spec, opts, inputs, others, hidden, weight, targets, loss_mask, head, backend))
 
     if process_group is not None:
         if strategy == "single_pass":
