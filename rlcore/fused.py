@@ -201,7 +201,11 @@ def fused_policy_loss(
             raise ValueError(f"strategy='single_pass' does not take {refusal}; use strategy='two_pass'")
 
     if strategy == "two_pass":
-        logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
+        if _reads_logp(spec, opts) or need_entropy:
+            logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
+        else:   # kd: its divergence is the whole loss; no pass over the vocabulary for the targets (not read)
+            logp, ent = torch.zeros(targets.shape, dtype=chunked.compute_dtype(hidden.dtype, weight.dtype),
+                                    device=hidden.device), None
         return policy_loss(logp, advantages, loss_mask, cu_seqlens=cu_seqlens, entropy=ent, loss_type=loss_type,
                            check_inputs=check_inputs, **inputs, **loss_kwargs)
     if check_targets:   # the loss rows only: like the two-pass strategy, no other row's target is ever read
@@ -231,6 +235,13 @@ def _single_pass_refusal(spec, opts) -> Optional[str]:
     if spec.whole_batch is not None and spec.whole_batch(opts):
         return f"loss_type={spec.name!r} (its terms read the whole batch's log-probs)"
     return None
+
+
+def _reads_logp(spec, opts) -> bool:
+    """Whether the loss reads the log-probs of the targets: every loss but ``kd`` (``LossSpec.reads_logp``), and
+    ``kd`` too when a KL estimator of ``l - l_ref`` or a mismatch correction against ``sg(l)`` is on."""
+    return (spec.reads_logp or (opts.beta != 0 and opts.kl_estimator != "exact")
+            or opts.get("is_mode") is not None)
 
 
 def _longest_unit(loss_mask, cu_seqlens, spec) -> int:

@@ -391,9 +391,9 @@ _BUILTIN = (
              peer="on-policy distillation (Thinking Machines, 2025; TRL's GKD at lmbda=1 samples the same way), with "
                   "the vOPD baseline b_t = -KL(p_S || p_T)"),
     LossSpec("kd", _kd, family="distill", defaults=dict(kd_kind="reverse_kl", jsd_beta=0.5, top_k=None),
-             needs=("divergence",),
-             peer="GKD (arXiv 2306.13649): the per-token divergence on the student's own samples; the JSD's "
-                  "beta weights KL(p_S || m), see docs/losses.md for a peer's opposite convention"),
+             needs=("divergence",), reads_logp=False,
+             peer="TRL 1.16 GKDTrainer.generalized_jsd_loss with beta=b: kd_kind='jsd', jsd_beta=1-b (b=0: "
+                  "'forward_kl', b=1: 'reverse_kl'); GKD, arXiv 2306.13649"),
 )
 for _spec in _BUILTIN:
     register_loss(_spec)

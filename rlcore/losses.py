@@ -321,7 +321,8 @@ class LossSpec:
     ``batch.consts``. ``whole_batch(opts) -> bool``: the terms read batch-wide functions of the current log-probs
     (a covariance, a quantile), so no single pass can split the batch. ``seq_advantages``: advantages must be
     ``[B]``. ``required``: options that may not be ``None``. ``anchor``: regression, which log-probs ``Lam_i`` is measured against. ``peer``: the peer setting it
-    equals.
+    equals. ``reads_logp=False``: the terms never read ``b.l`` (``kd``), so ``fused_policy_loss`` may skip the
+    targets' log-probs.
     """
 
     name: str
@@ -338,6 +339,7 @@ class LossSpec:
     anchor: Optional[str] = None
     peer: str = ""
     doc: str = ""
+    reads_logp: bool = True
 
     @property
     def options(self) -> Tuple[str, ...]:
