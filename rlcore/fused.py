@@ -161,7 +161,7 @@ def fused_policy_loss(
     spec, opts = resolve(loss_type, loss_kwargs)                  # every option checked before any logits
     others = _OtherHeads(teacher_hidden, teacher_weight, teacher_bias, teacher_ids, teacher_topk_logp, ref_hidden,
                          ref_weight, ref_bias)
-    others.check(hidden, weight, targets, cu_seqlens is not None)
+    others.check(hidden, weight, targets)
     need_entropy = bool(compute_entropy) or opts.entropy_coef != 0 or opts.get("top_entropy_quantile") is not None
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape)):
         raise ValueError(f"mask must be a tensor shaped like targets {tuple(targets.shape)}, got "
@@ -272,7 +272,7 @@ class _OtherHeads:
     def has(self, which: str) -> bool:
         return getattr(self, which)[0] is not None
 
-    def check(self, hidden, weight, targets, packed: bool) -> None:
+    def check(self, hidden, weight, targets) -> None:
         from .divergence import _check_head
 
         for prefix, (h, w, b) in (("teacher_", self.teacher), ("ref_", self.ref)):
@@ -316,13 +316,14 @@ def _head_inputs(spec, opts, given, others: _OtherHeads, hidden, weight, targets
     if opts.beta != 0 and opts.kl_estimator == "exact":
         need.add("ref_kl")
     div_backend = "triton" if head["backend"] == "triton" else ("auto" if backend == "auto" else "torch")
-    common = dict(temperature=head["temperature"], bias=head["bias"], mask=loss_mask, backend=div_backend)
+    common = dict(temperature=head["temperature"], mask=loss_mask, backend=div_backend)
     out = {}
 
     def divergence(which, grad, **kw):
         h, w, b = getattr(others, which)
-        hs, ws, bs = (hidden, weight, head["bias"]) if grad else (hidden.detach(), weight.detach(),
-                                                                 None if head["bias"] is None else head["bias"].detach())
+        hs, ws, bs = hidden, weight, head["bias"]
+        if not grad:
+            hs, ws, bs = hs.detach(), ws.detach(), None if bs is None else bs.detach()
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return linear_divergence(hs, ws, h, w, **dict(common, bias=bs, teacher_bias=b, **kw))
 

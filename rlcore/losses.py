@@ -530,8 +530,8 @@ def _why(name: str, spec: LossSpec, o: Opts) -> str:
         return (" for kl_estimator='exact' with beta != 0 (the per-token KL(pi || pi_ref) from "
                 "rlcore.linear_divergence(hidden, weight, ref_hidden, ref_weight))")
     if name == "teacher_kl":
-        return (f" for loss_type={spec.name!r} with opd_baseline={o.get('opd_baseline')!r} (the per-token KL(p_S || p_T) "
-                f"from rlcore.linear_divergence, the vOPD baseline b_t = -teacher_kl)")
+        return (f" for loss_type={spec.name!r} with opd_baseline={o.get('opd_baseline')!r} (the per-token "
+                f"KL(p_S || p_T) from rlcore.linear_divergence, the vOPD baseline b_t = -teacher_kl)")
     if name == "teacher_logp":
         return f" for loss_type={spec.name!r} (the teacher's log-prob of each sampled token)"
     if name == "divergence":

@@ -32,7 +32,8 @@ def make(B=3, T=6, H=12, V=37, *, H_T=9, packed=False, seed=0, bias=True, scale=
     d = dict(hidden=rnd(B, T, H), weight=rnd(V, H, s=scale / H ** 0.5), bias=rnd(V, s=0.2) if bias else None,
              teacher_hidden=rnd(B, T, H_T), teacher_weight=rnd(V, H_T, s=scale / H_T ** 0.5),
              teacher_bias=rnd(V, s=0.2) if bias else None,
-             ref_hidden=rnd(B, T, H), ref_weight=rnd(V, H, s=scale / H ** 0.5), ref_bias=rnd(V, s=0.2) if bias else None)
+             ref_hidden=rnd(B, T, H), ref_weight=rnd(V, H, s=scale / H ** 0.5),
+             ref_bias=rnd(V, s=0.2) if bias else None)
     targets = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     lengths = torch.randint(0, T + 1, (B,), generator=g)            # loss tokens per sequence, 0 allowed
@@ -151,7 +152,8 @@ def test_fused_matches_float64(case, layout):
             torch.testing.assert_close(out.metrics[k].double(), v, rtol=1e-9, atol=1e-12, msg=k)
 
 
-@pytest.mark.parametrize("case", ["kd-jsd", "kd-reverse-top3", "kd-jsd-served", "opd-topk-served", "opd-full", "ppo-exact"])
+@pytest.mark.parametrize("case", ["kd-jsd", "kd-reverse-top3", "kd-jsd-served", "opd-topk-served", "opd-full",
+                                  "ppo-exact"])
 def test_temperature(case):
     """The temperature divides every head's logits (student, teacher, reference, and the served log-probs)."""
     loss, names = CASES[case]
