@@ -308,59 +308,75 @@ def _missing(name: str, spec, what: str) -> ValueError:
     return ValueError(f"{name} is required for loss_type={spec.name!r}: pass {name}= or {what}")
 
 
+class _FromHeads:
+    """Computes the per-token inputs a loss needs from the other heads, at the student's rows and temperature."""
+
+    def __init__(self, spec, opts, others: _OtherHeads, hidden, weight, targets, loss_mask, head, backend):
+        self.spec, self.o, self.others = spec, opts, others
+        self.hidden, self.weight, self.targets, self.loss_mask, self.head = hidden, weight, targets, loss_mask, head
+        self.backend = backend                                  # the one asked for (before the student's resolution)
+
+    def divergence(self, which: str, grad: bool, **kw) -> torch.Tensor:
+        """``linear_divergence`` of the student against the ``which`` head (``"teacher"`` or ``"ref"``)."""
+        from .divergence import linear_divergence
+
+        h, w, b = getattr(self.others, which)
+        hs, ws, bs = self.hidden, self.weight, self.head["bias"]
+        if not grad:
+            hs, ws, bs = hs.detach(), ws.detach(), None if bs is None else bs.detach()
+        backend = "triton" if self.head["backend"] == "triton" else ("auto" if self.backend == "auto" else "torch")
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return linear_divergence(hs, ws, h, w, bias=bs, teacher_bias=b, temperature=self.head["temperature"],
+                                     mask=self.loss_mask, backend=backend, **kw)
+
+    def served(self, kind: str, beta: float) -> torch.Tensor:
+        return _served_divergence(self.hidden, self.weight, self.others, self.loss_mask, self.head, kind, beta)
+
+    def teacher_logp(self) -> torch.Tensor:
+        if not self.others.has("teacher"):
+            raise _missing("teacher_logp", self.spec, "the teacher head (teacher_hidden, teacher_weight)")
+        th, tw, tb = self.others.teacher
+        head = dict(self.head, bias=tb, backend=self.backend, process_group=None, softcap=0.0)
+        with torch.no_grad():
+            return _two_pass_logprobs(th, tw, self.targets, self.loss_mask, False, head)[0]
+
+    def teacher_kl(self) -> torch.Tensor:
+        o, topk = self.o, self.o.opd_baseline == "topk"
+        if self.others.has("teacher") and (not topk or o.top_k is not None):
+            return self.divergence("teacher", False, kind="reverse_kl", top_k=o.top_k if topk else None)
+        if topk and self.others.has("served"):
+            with torch.no_grad():
+                return self.served("reverse_kl", 0.5)
+        what = ("top_k= with the teacher head, or teacher_ids with teacher_topk_logp" if topk
+                else "the teacher head (teacher_hidden, teacher_weight)")
+        raise ValueError(f"teacher_kl is required for loss_type={self.spec.name!r} with opd_baseline="
+                         f"{o.opd_baseline!r}: pass teacher_kl= or {what}")
+
+    def divergence_input(self) -> torch.Tensor:
+        o = self.o
+        if self.others.has("teacher"):
+            return self.divergence("teacher", True, kind=o.kd_kind, beta=o.jsd_beta, top_k=o.top_k)
+        if self.others.has("served"):
+            return self.served(o.kd_kind, o.jsd_beta)
+        raise _missing("divergence", self.spec, "the teacher head (teacher_hidden, teacher_weight), or a served "
+                                                "teacher's teacher_ids with teacher_topk_logp")
+
+    def ref_kl(self) -> torch.Tensor:
+        if not self.others.has("ref"):
+            raise ValueError("ref_kl is required for kl_estimator='exact' with beta != 0: pass ref_kl= or the "
+                             "reference head (ref_hidden, ref_weight)")
+        return self.divergence("ref", True, kind="reverse_kl")
+
+
 def _head_inputs(spec, opts, given, others: _OtherHeads, hidden, weight, targets, loss_mask, head, backend) -> dict:
     """The per-token inputs of ``spec`` that are not in ``given``, from the other heads (see fused_policy_loss)."""
-    from .divergence import linear_divergence
-
     need = set(spec.inputs(opts))
     if opts.beta != 0 and opts.kl_estimator == "exact":
         need.add("ref_kl")
-    div_backend = "triton" if head["backend"] == "triton" else ("auto" if backend == "auto" else "torch")
-    common = dict(temperature=head["temperature"], mask=loss_mask, backend=div_backend)
-    out = {}
-
-    def divergence(which, grad, **kw):
-        h, w, b = getattr(others, which)
-        hs, ws, bs = hidden, weight, head["bias"]
-        if not grad:
-            hs, ws, bs = hs.detach(), ws.detach(), None if bs is None else bs.detach()
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return linear_divergence(hs, ws, h, w, **dict(common, bias=bs, teacher_bias=b, **kw))
-
-    if "teacher_logp" in need and given.get("teacher_logp") is None:
-        if not others.has("teacher"):
-            raise _missing("teacher_logp", spec, "the teacher head (teacher_hidden, teacher_weight)")
-        th, tw, tb = others.teacher
-        with torch.no_grad():
-            out["teacher_logp"], _ = _two_pass_logprobs(th, tw, targets, loss_mask, False, dict(
-                head, bias=tb, backend=backend, process_group=None, softcap=0.0))
-    if "teacher_kl" in need and given.get("teacher_kl") is None:
-        topk = opts.opd_baseline == "topk"
-        if others.has("teacher") and (not topk or opts.top_k is not None):
-            out["teacher_kl"] = divergence("teacher", False, kind="reverse_kl", top_k=opts.top_k if topk else None)
-        elif topk and others.has("served"):
-            with torch.no_grad():
-                out["teacher_kl"] = _served_divergence(hidden, weight, others, loss_mask, head, "reverse_kl", 0.5)
-        else:
-            what = ("top_k= with the teacher head, or teacher_ids with teacher_topk_logp" if topk
-                    else "the teacher head (teacher_hidden, teacher_weight)")
-            raise ValueError(f"teacher_kl is required for loss_type={spec.name!r} with opd_baseline="
-                             f"{opts.opd_baseline!r}: pass teacher_kl= or {what}")
-    if "divergence" in need and given.get("divergence") is None:
-        if others.has("teacher"):
-            out["divergence"] = divergence("teacher", True, kind=opts.kd_kind, beta=opts.jsd_beta, top_k=opts.top_k)
-        elif others.has("served"):
-            out["divergence"] = _served_divergence(hidden, weight, others, loss_mask, head, opts.kd_kind,
-                                                   opts.jsd_beta)
-        else:
-            raise _missing("divergence", spec, "the teacher head (teacher_hidden, teacher_weight), or a served "
-                                               "teacher's teacher_ids with teacher_topk_logp")
-    if "ref_kl" in need and given.get("ref_kl") is None:
-        if not others.has("ref"):
-            raise ValueError("ref_kl is required for kl_estimator='exact' with beta != 0: pass ref_kl= or the "
-                             "reference head (ref_hidden, ref_weight)")
-        out["ref_kl"] = divergence("ref", True, kind="reverse_kl")
-    return out
+    heads = _FromHeads(spec, opts, others, hidden, weight, targets, loss_mask, head, backend)
+    make = dict(teacher_logp=heads.teacher_logp, teacher_kl=heads.teacher_kl, divergence=heads.divergence_input,
+                ref_kl=heads.ref_kl)
+    return {name: fn() for name, fn in make.items() if name in need and given.get(name) is None}
 
 
 def _served_divergence(hidden, weight, others: _OtherHeads, loss_mask, head, kind: str, beta: float):
