@@ -47,11 +47,12 @@ def make(B=3, T=6, H=12, V=37, *, H_T=9, packed=False, seed=0, bias=True, scale=
     with torch.no_grad():
         lp = rlcore.linear_logprobs(d["hidden"], d["weight"], targets.clamp(min=0), bias=d["bias"], backend="torch")
     d.update(targets=targets, mask=mask, advantages=rnd(B), old_logp=lp + rnd(B, T, s=0.2),
+             sampler_logp=lp + rnd(B, T, s=0.5),
              teacher_ids=top.indices, teacher_topk_logp=top.values)
     if packed:
         for k in ("hidden", "teacher_hidden", "ref_hidden"):
             d[k] = d[k].reshape(B * T, -1)
-        for k in ("targets", "mask", "old_logp"):
+        for k in ("targets", "mask", "old_logp", "sampler_logp"):
             d[k] = d[k].reshape(B * T)
         d["teacher_ids"], d["teacher_topk_logp"] = (d[k].reshape(B * T, K) for k in ("teacher_ids",
                                                                                       "teacher_topk_logp"))
@@ -81,6 +82,11 @@ CASES = {
     "gspo-exact-weighted": (dict(loss_type="gspo_token", beta=0.1, kl_estimator="exact", kl_is_weighted=True), REF),
     "cispo-exact-clamp": (dict(loss_type="cispo", beta=0.3, kl_estimator="exact", kl_clamp=True), REF),
     "opd-full-exact": (dict(loss_type="opd", opd_baseline="full", beta=0.05, kl_estimator="exact"), TEACHER + REF),
+    # the driver's shared options on the distill family: mismatch weights (against sg(l): no old_logp), reject,
+    # the entropy bonus, an estimated KL to ref_logp
+    "opd-full-is": (dict(loss_type="opd", opd_baseline="full", is_mode="token_truncate"), TEACHER),
+    "kd-is-reject": (dict(loss_type="kd", is_mode="sequence_mask", is_cap=1.5, reject=True), TEACHER),
+    "kd-entropy-k3": (dict(loss_type="kd", kd_kind="forward_kl", entropy_coef=0.05, beta=0.1), TEACHER),
 }
 # the single pass takes opd (its teacher inputs are constants); kd and the exact KL carry gradients of their own
 SINGLE_PASS_OK = ("opd-none", "opd-full", "opd-topk", "opd-topk-served")
@@ -94,11 +100,21 @@ def needs_old(loss):
     return loss["loss_type"] not in ("opd", "kd")
 
 
+def loss_inputs(d, loss):
+    """The per-token loss inputs of this case besides the heads': old, sampler and reference log-probs."""
+    out = dict(old_logp=d["old_logp"]) if needs_old(loss) else {}
+    if loss.get("is_mode"):
+        out["sampler_logp"] = d["sampler_logp"]
+    if loss.get("beta") and loss.get("kl_estimator") != "exact":
+        out["ref_logp"] = d["sampler_logp"] - 0.1
+    return out
+
+
 def reference(d, loss, names, temperature=1.0):
     """float64 truth: loss, metrics and the student's gradients."""
     h, w, b = (d[k].detach().clone().requires_grad_() if d[k] is not None else None
                for k in ("hidden", "weight", "bias"))
-    extra = dict(old_logp=d["old_logp"]) if needs_old(loss) else {}
+    extra = loss_inputs(d, loss)
     loss_v, metrics = fused_loss_reference(h, w, d["targets"], d["advantages"] if needs_old(loss) else None,
                                            d["mask"], bias=b, temperature=temperature, cu_seqlens=d.get("cu_seqlens"),
                                            heads=heads_of(d, names), **extra, **loss)
@@ -117,7 +133,7 @@ def fused(d, loss, names, dtype=F64, temperature=1.0, **kw):
               for k, v in heads_of(d, names).items()}
     if "teacher_topk_logp" in others:
         others["teacher_topk_logp"] = d["teacher_topk_logp"].to(dtype)
-    extra = dict(old_logp=d["old_logp"]) if needs_old(loss) else {}
+    extra = loss_inputs(d, loss)
     out = rlcore.fused_policy_loss(h, w, d["targets"], d["advantages"] if needs_old(loss) else None,
                                    d["mask"], bias=b, temperature=temperature, cu_seqlens=d.get("cu_seqlens"),
                                    **others, **extra, **loss, **kw)
