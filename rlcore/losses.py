@@ -38,6 +38,8 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
+from .divergence import KINDS as DIVERGENCE_KINDS   # kd's kinds: linear_divergence's
+
 __all__ = [
     "policy_loss", "vstar", "PolicyLossOutput", "LossSpec", "Terms", "Batch", "Option", "LOSSES", "OPTIONS",
     "register_loss", "prepare", "evaluate", "AGGS", "IS_MODES", "KL_ESTIMATORS", "KL_EXACT", "RATIO_LEVELS",
@@ -69,7 +71,6 @@ KL_ESTIMATORS = _BASE_KL + tuple(k + "+" for k in _BASE_KL)
 # not an estimator: the per-token KL(pi || pi_ref) over the whole vocabulary, given as ref_kl (rlcore.linear_divergence)
 KL_EXACT = "exact"
 OPD_BASELINES = ("none", "full", "topk")
-DIVERGENCE_KINDS = ("reverse_kl", "forward_kl", "jsd")     # rlcore.divergence.KINDS (not imported: no cycle)
 RATIO_LEVELS = ("token", "sequence")
 UNITS = ("token", "seq", "pair")
 FAMILIES = ("clipped", "regression", "distill")
