@@ -217,7 +217,8 @@ OPTIONS: Mapping[str, Option] = MappingProxyType({
                                                       "'seq-mean-token-sum-norm'"),
     "num_tokens": Option(None, _or_none(_count), "global loss-token count for agg='token-mean' (data parallel)"),
     "num_seqs": Option(None, _or_none(_count), "global count of sequences for the sequence means (data parallel)"),
-    "beta": Option(0.0, _real, "weight of the per-token KL to ref_logp"),
+    "beta": Option(0.0, _real, "weight of the per-token KL to the reference (ref_logp; ref_kl if kl_estimator="
+                               "'exact')"),
     "kl_estimator": Option("k3", _chooser(KL_ESTIMATORS + (KL_EXACT,)),
                            "k1, k2, k3, abs; '<name>+': its value, k2's gradient; 'exact': ref_kl, the full "
                            "vocabulary's KL(pi || pi_ref) (rlcore.linear_divergence) with its analytic gradient"),
