@@ -432,6 +432,8 @@ def _check_combinations(spec: LossSpec, o: Opts) -> None:
                                  f"per-{spec.unit} loss")
     if "agg" in o and o.agg in ("constant", "seq-mean-token-sum-norm") and o.agg_constant is None:
         raise ValueError(f"agg={o.agg!r} needs agg_constant (the L of S / (B * L), e.g. the max completion length)")
+    if o.get("opd_baseline") not in (None, "topk") and o.top_k is not None:
+        raise ValueError(f"top_k is the support of opd_baseline='topk'; got opd_baseline={o.opd_baseline!r}")
     if "is_mode" in o:
         if o.is_mode is not None:
             is_min = 1.0 / o.is_cap if o.is_min is None else o.is_min

@@ -349,7 +349,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="ref_kl must be"):
         rlcore.policy_loss(lp, d["advantages"], m, old_logp=lp, beta=0.1, kl_estimator="exact", ref_kl=[1.0])
     for opts, match in ((dict(opd_baseline="mean"), "opd_baseline"), (dict(top_k=0), "top_k"),
-                        (dict(top_k=2.5), "top_k")):
+                        (dict(top_k=2.5), "top_k"), (dict(opd_baseline="full", top_k=3), "top_k is the support")):
         with pytest.raises(ValueError, match=match):
             rlcore.policy_loss(lp, None, m, teacher_logp=lp, loss_type="opd", **opts)
     for opts, match in ((dict(jsd_beta=1.0), "jsd_beta"), (dict(kd_kind="tvd"), "kd_kind")):
