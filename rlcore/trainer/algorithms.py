@@ -3,8 +3,7 @@
 The trainer only orchestrates; this module turns rewards and log-probs into ``rlcore.fused_policy_loss`` keywords,
 and holds the algorithm-specific state: A*PO's offline V* (cached to disk) and OAPL's buffer of the lagged
 sampler's rollouts. The two distillation algorithms learn from a teacher's scores of the student's own samples
-instead of the reward: ``opd`` (``opd_kwargs``: the teacher's per-token log-ratio as the advantage of the REINFORCE
-loss) and ``kd`` (``kd_loss``: the per-token divergence to the teacher over the vocabulary).
+instead of the reward: the registry's ``opd`` and ``kd`` losses, given the teacher's head (``distill_kwargs``).
 """
 
 from __future__ import annotations
@@ -20,9 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 import rlcore
-from rlcore.divergence import opd_advantages
 
-__all__ = ["AlgoSpec", "ALGORITHMS", "REWARD_ALGOS", "loss_kwargs", "opd_kwargs", "kd_loss", "offline_vstar",
+__all__ = ["AlgoSpec", "ALGORITHMS", "REWARD_ALGOS", "loss_kwargs", "distill_kwargs", "offline_vstar",
            "SamplerBuffer"]
 
 
@@ -31,10 +29,9 @@ class AlgoSpec:
     """One algorithm: an rlcore loss (``rlcore.LOSSES[loss_type]``, which holds its family, anchor and option
     defaults) and what only the trainer decides. ``advantage``: ``"normalized"`` ``(r - mean_g) / (std_g + 1e-6)``,
     ``"centered"`` ``r - mean_g`` (Dr. GRPO: no std division) or ``None`` (the regression family takes rewards, not
-    advantages). ``distill``: ``"opd"`` or ``"kd"``, an algorithm that learns from a teacher (``kd`` has no policy
-    loss: ``loss_type`` is ``None``)."""
+    advantages). ``distill``: ``"opd"`` or ``"kd"``, an algorithm that learns from a teacher, not the reward."""
 
-    loss_type: Optional[str]
+    loss_type: str
     group_size: int                   # default samples per prompt
     prompts: int                      # default prompts per step
     lr: float                         # default learning rate (tuned on the demo's tiny model)
@@ -44,24 +41,19 @@ class AlgoSpec:
     distill: Optional[str] = None     # "opd" / "kd": scored by a teacher, not by the reward
 
     @property
-    def loss(self) -> Optional[rlcore.LossSpec]:
-        return None if self.loss_type is None else rlcore.LOSSES[self.loss_type]
-
-    @property
-    def loss_name(self) -> str:
-        """What the log line calls the loss: the registry's name, or ``linear_divergence`` for ``kd``."""
-        return self.loss_type or "linear_divergence"
+    def loss(self) -> rlcore.LossSpec:
+        return rlcore.LOSSES[self.loss_type]
 
     @property
     def family(self) -> str:
-        """``"clipped"`` or ``"regression"`` (the registry's), ``"divergence"`` for ``kd``."""
-        return "divergence" if self.loss is None else self.loss.family
+        """``"clipped"``, ``"regression"`` or ``"distill"`` (the registry's)."""
+        return self.loss.family
 
     @property
     def anchor(self) -> Optional[str]:
         """Regression: the log-probs ``Lam_i`` is measured against (``"ref_logp"``, ``"sampler_logp"``,
         ``"old_logp"``; the registry's)."""
-        return None if self.loss is None else self.loss.anchor
+        return self.loss.anchor
 
     @property
     def grouped(self) -> bool:
@@ -82,8 +74,8 @@ ALGORITHMS: Dict[str, AlgoSpec] = {
     "kimi": AlgoSpec("kimi", 8, 32, 3e-4),
     "rebel": AlgoSpec("rebel", 2, 64, 3e-4),
     # distillation from a teacher, on the student's own samples
-    "opd": AlgoSpec("reinforce", 1, 32, 3e-4, distill="opd"),
-    "kd": AlgoSpec(None, 1, 32, 3e-4, distill="kd"),
+    "opd": AlgoSpec("opd", 1, 32, 3e-4, distill="opd"),
+    "kd": AlgoSpec("kd", 1, 32, 3e-4, distill="kd"),
 }
 
 # the algorithms that learn from the reward alone (what can train a teacher)
@@ -143,30 +135,28 @@ def loss_kwargs(cfg, rewards: torch.Tensor, old_logp: torch.Tensor, sampler_logp
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def opd_kwargs(cfg, logp: torch.Tensor, teacher_logp: torch.Tensor, kl: Optional[torch.Tensor],
-               sampler_logp: torch.Tensor) -> Dict:
-    """The ``rlcore.fused_policy_loss`` keywords of on-policy distillation (LOSSES.md section 6).
+def distill_kwargs(cfg, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_logp: torch.Tensor,
+                   old_logp: torch.Tensor, sampler_logp: torch.Tensor) -> Dict:
+    """The ``rlcore.fused_policy_loss`` keywords of ``opd`` and ``kd`` (the registry's losses, ``docs/losses.md``):
+    the teacher's head at the student's positions (``teacher_hidden [B, T, H_T]``, ``teacher_weight [V, H_T]``),
+    from which the loss takes the vOPD baseline's KL (opd) or the per-token divergence (kd) without logits.
 
-    ``c_t = -sg(r_t - b_t) l_t`` with ``r_t = log pi_T(y_t) - log pi_S(y_t)`` is REINFORCE with the per-token
-    advantage ``A_t = r_t - b_t`` (``rlcore.divergence.opd_advantages``); ``b_t = -kl`` the vOPD baseline (``kl [B, T]``
-    the reverse KL ``KL(p_S || p_T)`` per token, or ``None``). ``logp``: the student's log-probs of the batch
-    (``[B, T]``, the policy before the update), ``teacher_logp`` the teacher's.
+    opd: ``c_t = -sg(r_t - b_t) l_t``, ``r_t = teacher_logp - sg(l_t)`` (``teacher_logp [B, T]``, already computed
+    for the metrics, is passed on), ``b_t = -KL(p_S || p_T)`` over the vocabulary (``opd_baseline="full"``), the
+    teacher's ``top_k`` (``"topk"``) or 0 (``"none"``). kd: ``c_t = D_t`` (``kd_kind``, ``jsd_beta``, ``top_k``).
     """
-    kw: Dict = dict(loss_type="reinforce", entropy_coef=cfg.entropy_coef,
-                    advantages=opd_advantages(logp, teacher_logp, kl))
+    spec = cfg.spec
+    kw: Dict = dict(loss_type=spec.loss_type, advantages=None, entropy_coef=cfg.entropy_coef,
+                    teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+    if spec.loss_type == "opd":
+        kw.update(opd_baseline=cfg.opd_baseline, teacher_logp=teacher_logp)
+    else:
+        kw.update(kd_kind=cfg.kd_kind, jsd_beta=cfg.jsd_beta)
+    if cfg.top_k is not None:
+        kw["top_k"] = cfg.top_k
     if cfg.is_mode is not None:
-        kw.update(old_logp=logp, sampler_logp=sampler_logp, is_mode=cfg.is_mode, is_cap=cfg.is_cap)
+        kw.update(old_logp=old_logp, sampler_logp=sampler_logp, is_mode=cfg.is_mode, is_cap=cfg.is_cap)
     return kw
-
-
-def kd_loss(div: torch.Tensor, mask: torch.Tensor) -> rlcore.PolicyLossOutput:
-    """Distillation by divergence: the mean over the loss tokens of ``div [B, T]`` (``rlcore.linear_divergence`` of
-    the student to the teacher at every position the student sampled), with the metrics the loop logs."""
-    n = mask.sum()
-    loss = torch.where(mask, div, 0.0).sum() / n.clamp(min=1)
-    metrics = dict(loss=loss.detach(), divergence_max=torch.where(mask, div.detach(), 0.0).max(),
-                   num_tokens=n.detach().float(), num_seqs=mask.any(dim=-1).sum().float())
-    return rlcore.PolicyLossOutput(loss, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

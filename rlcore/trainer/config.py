@@ -210,7 +210,7 @@ class TrainConfig:
                            "opd's control variate b_t = -KL(p_S || p_T) per token: over the full vocabulary, the "
                            "teacher's top_k ids, or none")
     kd_kind: str = _f("reverse_kl", Kind(str, choices=KINDS), "kd's divergence of the student to the teacher")
-    kd_beta: float = _f(0.5, Kind(float, gt=0, lt=1), "kd's JSD mixture weight (kd_kind 'jsd')")
+    jsd_beta: float = _f(0.5, Kind(float, gt=0, lt=1), "kd's JSD mixture weight (kd_kind 'jsd')")
     top_k: Optional[int] = _f(None, Kind(int, ge=1, optional=True, none="the full vocabulary"),
                               "the teacher's top-k ids the divergence is restricted to (kd; opd_baseline 'topk')")
     # ---- bookkeeping
@@ -312,10 +312,6 @@ class TrainConfig:
         if self.top_k is not None and not uses_top_k:
             raise ConfigError("top_k", self.top_k, "null", f"opd_baseline is {self.opd_baseline!r}; top_k only "
                               "restricts opd_baseline 'topk' (and kd)")
-        if distill == "kd" and self.entropy_coef:
-            raise ConfigError("entropy_coef", self.entropy_coef, "0", "algo 'kd' minimises the divergence alone")
-        if distill == "kd" and self.is_mode is not None:
-            raise ConfigError("is_mode", self.is_mode, "null", "algo 'kd' has no sampled-token ratio to correct")
 
     def teacher_config(self) -> "TrainConfig":
         """The run that trains the teacher when ``teacher`` is null: this run's task, data, warm-up, sampling and

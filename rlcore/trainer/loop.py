@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import dist
-from .algorithms import SamplerBuffer, flat_groups, kd_loss, loss_kwargs, offline_vstar, opd_kwargs, state_digest
+from .algorithms import SamplerBuffer, distill_kwargs, flat_groups, loss_kwargs, offline_vstar, state_digest
 from .config import RESUME_FREE, TrainConfig, resolve_reward
 from .policy import (PolicyObjective, batch_logprobs, build_model, head_weight, load_teacher, quiet_transformers,
                      teacher_scores)
@@ -288,7 +288,7 @@ class Trainer:
             kw = self._reward_kwargs(batch, old)
         skipped = 0
         for _ in range(cfg.epochs):
-            out = self._loss(batch, loss_mask, kw)
+            out = self.objective(batch.input_ids, batch.attention_mask, loss_mask, **dict(kw))
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip)
@@ -323,29 +323,15 @@ class Trainer:
                            max_completion=self._max_completion())
 
     def _distill_kwargs(self, batch: RolloutBatch, old: torch.Tensor, metrics: Dict[str, float]) -> Dict:
-        """opd, kd: the teacher scores the student's samples (its backbone once, no grad; its head through rlcore).
-        opd: the REINFORCE keywords with ``A_t = sg(r_t - b_t)``; kd: the keywords of the objective's
-        ``mode="divergence"``. Adds the teacher's view to ``metrics``: ``teacher_logp_mean`` and ``kl_sampled``,
-        the mean of ``log pi_S(y_t) - log pi_T(y_t)`` over the sampled tokens (an estimate of the reverse KL)."""
-        cfg, m = self.cfg, batch.loss_mask
+        """opd, kd: the teacher scores the student's samples (its backbone once, no grad), and the loss gets its head
+        (``algorithms.distill_kwargs``). Adds the teacher's view to ``metrics``: ``teacher_logp_mean`` and
+        ``kl_sampled``, the mean of ``log pi_S(y_t) - log pi_T(y_t)`` over the sampled tokens (an estimate of the
+        reverse KL)."""
+        m = batch.loss_mask
         th, tw, tlogp = teacher_scores(self.teacher, batch)
         n = m.sum().clamp(min=1)
         metrics.update(teacher_logp_mean=float(tlogp.sum() / n), kl_sampled=float((old - tlogp).sum() / n))
-        if cfg.spec.distill == "kd":
-            return dict(mode="divergence", teacher_hidden=th, teacher_weight=tw, kind=cfg.kd_kind, beta=cfg.kd_beta,
-                        top_k=cfg.top_k)
-        kl = None
-        if cfg.opd_baseline != "none":
-            with torch.no_grad():
-                kl = self.objective(batch.input_ids, batch.attention_mask, m, mode="divergence", teacher_hidden=th,
-                                    teacher_weight=tw, kind="reverse_kl", top_k=cfg.top_k).float()
-            metrics["kl_baseline_mean"] = float(kl.sum() / n)
-        return opd_kwargs(cfg, old, tlogp, kl, batch.sampler_logp)
-
-    def _loss(self, batch: RolloutBatch, loss_mask: torch.Tensor, kw: Dict):
-        """One forward of the objective with the step's keywords: ``fused_policy_loss``, or kd's divergence."""
-        out = self.objective(batch.input_ids, batch.attention_mask, loss_mask, **dict(kw))
-        return kd_loss(out, loss_mask) if self.spec.distill == "kd" else out
+        return distill_kwargs(self.cfg, th, tw, tlogp, old, batch.sampler_logp)
 
     def _stop_if_stuck(self) -> None:
         """:class:`RunError` once ``max_skipped`` steps in a row had every update skipped."""
@@ -476,7 +462,7 @@ class Trainer:
     def run(self) -> List[Dict]:
         """Warm up (or resume), train ``cfg.steps`` steps, and write metrics, checkpoints and the reward curve."""
         cfg = self.cfg
-        _say(f"[rlcore] algo={cfg.algo} loss={self.spec.loss_name} task={cfg.task} engine="
+        _say(f"[rlcore] algo={cfg.algo} loss={self.spec.loss_type} task={cfg.task} engine="
              f"{type(self.engine).__name__} ranks={dist.world()} device={self.device} out={self.out}")
         if cfg.resume and (self._resume_state is not None or self.checkpoint_path.exists()):
             self.load()

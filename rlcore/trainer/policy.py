@@ -116,9 +116,7 @@ class PolicyObjective(nn.Module):
     """The policy update as one module, so DDP and FSDP2 see every parameter used inside ``forward``.
 
     ``forward(batch, mode="loss", **loss_kwargs)`` -> ``rlcore.PolicyLossOutput`` from ``fused_policy_loss``;
-    ``mode="logprobs"`` -> the ``[B, T - 1]`` log-probs of the batch's targets (0 off the loss mask);
-    ``mode="divergence"`` -> the ``[B, T - 1]`` ``rlcore.linear_divergence`` to a teacher (keywords
-    ``teacher_hidden [B, T - 1, H_T]``, ``teacher_weight [V, H_T]``, ``kind``, ``beta``, ``top_k``; 0 off the mask).
+    ``mode="logprobs"`` -> the ``[B, T - 1]`` log-probs of the batch's targets (0 off the loss mask).
     """
 
     def __init__(self, model, *, temperature: float, precision: str):
@@ -133,10 +131,8 @@ class PolicyObjective(nn.Module):
         targets = input_ids[:, 1:]                                                   # [B, T - 1]
         if mode == "logprobs":
             return self.head_logprobs(h, w, targets, loss_mask)
-        if mode == "divergence":
-            return rlcore.linear_divergence(h, w, mask=loss_mask, temperature=self.temperature, **loss_kwargs)
         if mode != "loss":
-            raise ValueError(f"mode must be 'loss', 'logprobs' or 'divergence', got {mode!r}")
+            raise ValueError(f"mode must be 'loss' or 'logprobs', got {mode!r}")
         advantages = loss_kwargs.pop("advantages")
         return rlcore.fused_policy_loss(h, w, targets, advantages, loss_mask, temperature=self.temperature,
                                         precision=self.precision, **loss_kwargs)
