@@ -81,7 +81,10 @@ def test_fused_step_equals_the_models_logits(tmp_path, algo):
     assert batch.loss_mask.any() and math.isfinite(out.loss.item())
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
     for (name, _), g, r in zip(tr.model.named_parameters(), fused, plain):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        # FP32 round-off of two summation orders scales with the gradient's size (rebel's squared residuals make it
+        # large): the absolute tolerance is relative to the largest entry of the parameter's gradient.
+        atol = max(1e-6, 1e-5 * r.abs().max().item())
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
     assert any(g.abs().max() > 0 for g in fused)
 
 
