@@ -151,6 +151,30 @@ def test_head_only_both_seams(tmp_path, seam):
     assert_same(ours, theirs)
 
 
+def test_peft_lora_policy(tmp_path):
+    """A LoRA policy (TRL wraps the model with PEFT; the head is found through the wrapper)."""
+    peft = pytest.importorskip("peft")
+    cfg = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    settings = dict(loss_type="dapo" if "dapo" in trl_loss_types() else "bnpo", num_iterations=2, learning_rate=2.0)
+    theirs = run(tmp_path, settings, peft_config=cfg())
+    ours = run(tmp_path, settings, install=dict(loss=True), peft_config=cfg())
+    assert any("lora" in n for n in theirs[1])
+    assert_same(ours, theirs)
+
+
+def test_fallback_warns_once_and_gives_trls_numbers(tmp_path):
+    settings = dict(loss_type="grpo", top_entropy_quantile=0.5)
+    theirs = run(tmp_path, settings)
+    rtrl._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = run(tmp_path, settings, install=dict(loss=True))
+    named = [w for w in caught if "top_entropy_quantile" in str(w.message)]
+    assert len(named) == 1, [str(w.message) for w in caught]
+    assert "using TRL's own loss" in str(named[0].message)
+    assert_same(ours, theirs)
+
+
 def test_loss_settings_mapping():
     class Args:
         delta = 2.0
