@@ -86,6 +86,7 @@ def run(tmp_path, settings, tied=True, install=None, steps=3, peft_config=None):
     path = tmp_path / f"model_tied{tied}"        # a local checkpoint: TRL builds the reference model from it
     if not path.exists():
         model(tied).save_pretrained(path)
+    transformers.set_seed(0)   # TRL 0.20 draws the LoRA init before seeding (1.16 seeds first): same init both runs
     trainer = trl.GRPOTrainer(model=str(path), reward_funcs=reward, args=args, train_dataset=ds,
                               processing_class=tokenizer(), peft_config=peft_config)
     if install is not None:
