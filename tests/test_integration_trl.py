@@ -176,6 +176,23 @@ def test_fallback_warns_once_and_gives_trls_numbers(tmp_path):
     assert_same(ours, theirs)
 
 
+def test_method_seam_hands_vision_inputs_to_trl():
+    """A batch with images goes to TRL's own ``_get_per_token_logps_and_entropies``, called as the installed TRL's
+    signature allows (TRL 0.20's has no ``compute_aux_loss``)."""
+    signature = inspect.signature(trl.GRPOTrainer._get_per_token_logps_and_entropies)
+    calls = []
+
+    def original(*args, **kwargs):
+        calls.append(signature.bind(None, *args, **kwargs).arguments)      # TypeError on a keyword TRL lacks
+        return "trl's"
+
+    method = rtrl._per_token_logps_method(object(), original)
+    ids = torch.ones(2, 5, dtype=torch.long)
+    pixels = torch.zeros(2, 3, 4, 4)
+    assert method(None, ids, ids, 3, compute_entropy=True, pixel_values=pixels) == "trl's"
+    assert calls[0]["logits_to_keep"] == 3 and calls[0]["compute_entropy"] is True
+
+
 def test_loss_settings_mapping():
     class Args:
         delta = 2.0

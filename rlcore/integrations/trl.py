@@ -145,8 +145,9 @@ def _per_token_logps_method(trainer, original):
     def method(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
                compute_aux_loss=False, **extra):
         if compute_aux_loss or any(extra.get(k) is not None for k in _MULTIMODAL):
+            aux = dict(compute_aux_loss=compute_aux_loss) if _returns_aux(original) else {}     # TRL >= 1.9
             return original(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                            compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+                            compute_entropy=compute_entropy, **aux, **extra)
         lm = _unwrap(model)
         batch_size = batch_size or input_ids.size(0)
         logps, ents = [], []
@@ -342,7 +343,7 @@ def _log_metrics(self, metrics, entropy, mask) -> None:
 
 def install(trainer, loss: bool = False, seam: str = "auto"):
     """Replace TRL's LM head in ``trainer`` (a ``trl.GRPOTrainer``) with rlcore's, and with ``loss=True`` its loss
-    too; returns ``trainer``. ``seam``: ``"auto"`` (TRL 1.16's fused-forward seam where present, else the
+    too; returns ``trainer``. ``seam``: ``"auto"`` (TRL's fused-forward seam where present, 1.15 on, else the
     ``_get_per_token_logps_and_entropies`` method), ``"forward"`` or ``"method"``. Raises ``ValueError`` for a TRL
     outside the supported range, a trainer without the seams, or a head rlcore cannot reproduce exactly."""
     _check_version(_version())
