@@ -208,9 +208,9 @@ _LOSSES = {
     "sapo": ("sapo", "seq-mean-token-mean"),
 }
 # the first TRL whose _compute_loss computes the loss type as rlcore's mapping does: grpo, bnpo and dr_grpo are
-# unchanged since 0.20 (only where they divide by the accumulation steps moved: _divides_by_accumulation); dapo's,
-# cispo's, sapo's and luspo's formulas and normalisers reached TRL 1.16's form in 1.10 (TRL's dapo from 0.22 to 1.9
-# lacks the rescaling by steps_per_generation, sapo before 0.28 has another formula)
+# unchanged since 0.20 (only where they divide by the accumulation steps moved: _divides_by_accumulation); for dapo,
+# cispo, sapo and luspo, TRL's _compute_loss is the same from 1.10 to 1.16 (diffed), while 1.9's dapo and cispo
+# normaliser lacks the rescaling by steps_per_generation and older releases differ further (not reproduced)
 _LOSS_SINCE = {"grpo": "0.20", "bnpo": "0.20", "dr_grpo": "0.20", "dapo": "1.10", "luspo": "1.10", "cispo": "1.10",
                "sapo": "1.10"}
 
