@@ -1,7 +1,7 @@
 """The ``rlcore`` command: ``rlcore train [--config FILE] [--FIELD VALUE ...]`` RL-trains a causal LM.
 
 Every ``TrainConfig`` field is a flag (``--algo gspo``, ``--steps 100``, ``--quick``), and flags override the
-file. Exit status: 0 done, 2 a bad config (nothing was built), 1 a run that stopped on an error it explains.
+file. Exit status: 0 done, 2 a bad config (nothing was trained), 1 a run that stopped on an error it explains.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="a JSON or YAML file of TrainConfig fields")
     from .trainer.tasks import TASKS
 
-    metavars = dict(out="DIR", model="PATH", reward="MODULE:FUNCTION")
+    metavars = dict(out="DIR", model="PATH", teacher="PATH", reward="MODULE:FUNCTION")
     for name, (text, kind) in TrainConfig.fields_help().items():
         default = _DEFAULTS[name]
         if name == "task":                           # a registry (rlcore.trainer.TASKS), so its current keys
@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bad_config(e, given) -> int:
+    """Exit status 2, one line naming the field as the user wrote it (``--lr`` for a flag, ``lr`` in the file)."""
+    label = _flag(e.field) if e.field in given else e.field
+    print(f"rlcore train: bad config: {e.render(label)}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .trainer import ConfigError, RunError, load_config, train
@@ -65,14 +72,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_config(path, **values)
     except ConfigError as e:
-        label = _flag(e.field) if e.field in given else e.field
-        print(f"rlcore train: bad config: {e.render(label)}", file=sys.stderr)
-        return 2
+        return _bad_config(e, given)
     except ValueError as e:
         print(f"rlcore train: bad config: {e}", file=sys.stderr)
         return 2
     try:
         train(cfg)
+    except ConfigError as e:     # a setting only the built run can check (a teacher over another vocabulary)
+        return _bad_config(e, given)
     except RunError as e:
         print(f"rlcore train: {e}", file=sys.stderr)
         return 1

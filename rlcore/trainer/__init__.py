@@ -6,10 +6,12 @@ from Python::
     from rlcore.trainer import TrainConfig, train
     history = train(TrainConfig(algo="apo", out="runs/apo"))
 
-Modules: ``config`` (the dataclass), ``algorithms`` (advantages, anchors, A*PO's V*, OAPL's buffer), ``rollout``
-(engines and multi-turn trajectories), ``policy`` (hidden states + LM-head weight into ``fused_policy_loss``),
-``tasks`` (the default task, the calculator tool environment, the tokenizer), ``loop`` (the run), ``dist``
-(torchrun: DDP / FSDP2), ``cli``.
+``algo="opd"`` and ``algo="kd"`` distil a teacher (``teacher=`` a model dir, or one trained first) into the policy.
+
+Modules: ``config`` (the dataclass), ``algorithms`` (advantages, anchors, A*PO's V*, OAPL's buffer, opd and kd),
+``rollout`` (engines and multi-turn trajectories), ``policy`` (hidden states + LM-head weight into
+``fused_policy_loss``; the teacher), ``tasks`` (the default task, the calculator tool environment, the tokenizer),
+``loop`` (the run), ``dist`` (torchrun: DDP / FSDP2), ``cli``.
 """
 
 from .algorithms import ALGORITHMS, AlgoSpec

@@ -2,7 +2,8 @@
 
 The trainer only orchestrates; this module turns rewards and log-probs into ``rlcore.fused_policy_loss`` keywords,
 and holds the algorithm-specific state: A*PO's offline V* (cached to disk) and OAPL's buffer of the lagged
-sampler's rollouts.
+sampler's rollouts. The two distillation algorithms learn from a teacher's scores of the student's own samples
+instead of the reward: the registry's ``opd`` and ``kd`` losses, given the teacher's head (``distill_kwargs``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 import rlcore
 
-__all__ = ["AlgoSpec", "ALGORITHMS", "loss_kwargs", "offline_vstar", "SamplerBuffer"]
+__all__ = ["AlgoSpec", "ALGORITHMS", "REWARD_ALGOS", "loss_kwargs", "distill_kwargs", "offline_vstar",
+           "SamplerBuffer"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class AlgoSpec:
     """One algorithm: an rlcore loss (``rlcore.LOSSES[loss_type]``, which holds its family, anchor and option
     defaults) and what only the trainer decides. ``advantage``: ``"normalized"`` ``(r - mean_g) / (std_g + 1e-6)``,
     ``"centered"`` ``r - mean_g`` (Dr. GRPO: no std division) or ``None`` (the regression family takes rewards, not
-    advantages)."""
+    advantages). ``distill``: ``"opd"`` or ``"kd"``, an algorithm that learns from a teacher, not the reward."""
 
     loss_type: str
     group_size: int                   # default samples per prompt
@@ -36,6 +38,7 @@ class AlgoSpec:
     advantage: Optional[str] = None
     agg: Optional[str] = None         # None: the loss's default
     drop_flat_groups: bool = False    # DAPO's dynamic sampling: a group whose rewards are all equal teaches nothing
+    distill: Optional[str] = None     # "opd" / "kd": scored by a teacher, not by the reward
 
     @property
     def loss(self) -> rlcore.LossSpec:
@@ -43,7 +46,7 @@ class AlgoSpec:
 
     @property
     def family(self) -> str:
-        """``"clipped"`` or ``"regression"`` (the registry's)."""
+        """``"clipped"``, ``"regression"`` or ``"distill"`` (the registry's)."""
         return self.loss.family
 
     @property
@@ -70,7 +73,13 @@ ALGORITHMS: Dict[str, AlgoSpec] = {
     "oapl": AlgoSpec("oapl", 8, 32, 3e-4),
     "kimi": AlgoSpec("kimi", 8, 32, 3e-4),
     "rebel": AlgoSpec("rebel", 2, 64, 3e-4),
+    # distillation from a teacher, on the student's own samples
+    "opd": AlgoSpec("opd", 1, 32, 3e-4, distill="opd"),
+    "kd": AlgoSpec("kd", 1, 32, 3e-4, distill="kd"),
 }
+
+# the algorithms that learn from the reward alone (what can train a teacher)
+REWARD_ALGOS = tuple(name for name, spec in ALGORITHMS.items() if spec.distill is None)
 
 
 def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -118,6 +127,35 @@ def loss_kwargs(cfg, rewards: torch.Tensor, old_logp: torch.Tensor, sampler_logp
         kw["beta1"] = cfg.beta1
     if "eta" in spec.loss.options:
         kw["eta"] = cfg.eta
+    return kw
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# distillation: the teacher's scores of the student's samples
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def distill_kwargs(cfg, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_logp: torch.Tensor,
+                   old_logp: torch.Tensor, sampler_logp: torch.Tensor) -> Dict:
+    """The ``rlcore.fused_policy_loss`` keywords of ``opd`` and ``kd`` (the registry's losses, ``docs/losses.md``):
+    the teacher's head at the student's positions (``teacher_hidden [B, T, H_T]``, ``teacher_weight [V, H_T]``),
+    from which the loss takes the vOPD baseline's KL (opd) or the per-token divergence (kd) without logits.
+
+    opd: ``c_t = -sg(r_t - b_t) l_t``, ``r_t = teacher_logp - sg(l_t)`` (``teacher_logp [B, T]``, already computed
+    for the metrics, is passed on), ``b_t = -KL(p_S || p_T)`` over the vocabulary (``opd_baseline="full"``), the
+    teacher's ``top_k`` (``"topk"``) or 0 (``"none"``). kd: ``c_t = D_t`` (``kd_kind``, ``jsd_beta``, ``top_k``).
+    """
+    spec = cfg.spec
+    kw: Dict = dict(loss_type=spec.loss_type, advantages=None, entropy_coef=cfg.entropy_coef,
+                    teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+    if spec.loss_type == "opd":
+        kw.update(opd_baseline=cfg.opd_baseline, teacher_logp=teacher_logp)
+    else:
+        kw.update(kd_kind=cfg.kd_kind, jsd_beta=cfg.jsd_beta)
+    if cfg.top_k is not None:
+        kw["top_k"] = cfg.top_k
+    if cfg.is_mode is not None:
+        kw.update(old_logp=old_logp, sampler_logp=sampler_logp, is_mode=cfg.is_mode, is_cap=cfg.is_cap)
     return kw
 
 

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from ..divergence import KINDS
 from ..losses import IS_MODES
-from .algorithms import ALGORITHMS
+from .algorithms import ALGORITHMS, REWARD_ALGOS
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "resolve_reward", "QUICK", "RESUME_FREE"]
 
 ENGINES = ("auto", "transformers", "vllm")
 PARALLEL = ("ddp", "fsdp2")
+OPD_BASELINES = ("none", "full", "topk")
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_PRECISIONS = ("default", "tf32", "fp32")    # rlcore.PRECISIONS (not imported: rlcore.logprobs loads triton)
 
@@ -195,6 +197,22 @@ class TrainConfig:
     apo_samples: int = _f(8, POS, "A*PO offline stage: samples per prompt from pi_ref")
     oapl_lag: int = _f(4, POS, "OAPL: the sampler is synced to the policy every oapl_lag steps")
     oapl_buffer: int = _f(4, POS, "OAPL: rollout batches kept; each step trains on one drawn from them")
+    # ---- distillation (opd, kd): the student samples, the teacher scores every token
+    teacher: Optional[str] = _f(None, Kind(str, optional=True, none="train one first, in out/teacher"),
+                                "opd/kd: the teacher's model dir (out/model of an rlcore train run, or any "
+                                "AutoModelForCausalLM dir over the student's vocabulary)")
+    teacher_algo: str = _f("gspo", Kind(str, choices=REWARD_ALGOS), "the algorithm that trains the teacher first")
+    teacher_steps: int = _f(300, POS, "RL steps of the teacher trained first")
+    teacher_hidden: int = _f(64, POS, "hidden size of the teacher trained first (a tiny random Llama)")
+    teacher_layers: int = _f(2, POS, "layers of the teacher trained first")
+    teacher_heads: int = _f(2, POS, "attention heads of the teacher trained first")
+    opd_baseline: str = _f("full", Kind(str, choices=OPD_BASELINES),
+                           "opd's control variate b_t = -KL(p_S || p_T) per token: over the full vocabulary, the "
+                           "teacher's top_k ids, or none")
+    kd_kind: str = _f("reverse_kl", Kind(str, choices=KINDS), "kd's divergence of the student to the teacher")
+    jsd_beta: float = _f(0.5, Kind(float, gt=0, lt=1), "kd's JSD mixture weight (kd_kind 'jsd')")
+    top_k: Optional[int] = _f(None, Kind(int, ge=1, optional=True, none="the full vocabulary"),
+                              "the teacher's top-k ids the divergence is restricted to (kd; opd_baseline 'topk')")
     # ---- bookkeeping
     eval_every: int = _f(25, POS, "evaluate every this many steps")
     log_every: int = _f(25, POS, "print a line every this many steps")
@@ -266,6 +284,43 @@ class TrainConfig:
         if self.eps_low is not None and self.eps_high is not None and self.eps_low == 0 == self.eps_high:
             raise ConfigError("eps_high", self.eps_high, "> 0 when eps_low is 0", "a clip range of width 0 "
                               "freezes the ratio at 1: nothing would be learned")
+        self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        algo, distill = self.algo, self.spec.distill
+        if distill is None:
+            if self.teacher is not None:
+                raise ConfigError("teacher", self.teacher, "null", f"algo {algo!r} learns from the reward; only "
+                                  "'opd' and 'kd' distil from a teacher")
+            return
+        if self.teacher is not None:
+            path = Path(self.teacher)
+            if not (path / "config.json").is_file():
+                why = "no such directory" if not path.is_dir() else "it holds no config.json"
+                raise ConfigError("teacher", self.teacher, "a model directory (out/model of a run, or a Hugging "
+                                  "Face model dir)", why)
+        elif self.model is None and self.teacher_hidden % self.teacher_heads:
+            raise ConfigError("teacher_hidden", self.teacher_hidden,
+                              f"a multiple of teacher_heads = {self.teacher_heads}")
+        if self.beta:
+            raise ConfigError("beta", self.beta, "0", f"algo {algo!r} is anchored at the teacher; it takes no KL to "
+                              "a reference")
+        uses_top_k = distill == "kd" or self.opd_baseline == "topk"
+        if distill == "opd" and self.opd_baseline == "topk" and self.top_k is None:
+            raise ConfigError("top_k", None, "an integer >= 1", "opd_baseline 'topk' is the KL over the teacher's "
+                              "top_k ids")
+        if self.top_k is not None and not uses_top_k:
+            raise ConfigError("top_k", self.top_k, "null", f"opd_baseline is {self.opd_baseline!r}; top_k only "
+                              "restricts opd_baseline 'topk' (and kd)")
+
+    def teacher_config(self) -> "TrainConfig":
+        """The run that trains the teacher when ``teacher`` is null: this run's task, data, warm-up, sampling and
+        bookkeeping, with ``teacher_algo`` (its defaults) for ``teacher_steps`` steps on the teacher's tiny Llama
+        (or on ``model``), in ``out/teacher``. Its ``out/teacher/model`` is the teacher."""
+        shared = {k: getattr(self, k) for k in TEACHER_SHARED}
+        return TrainConfig(**shared, algo=self.teacher_algo, steps=self.teacher_steps,
+                           out=str(Path(self.out) / "teacher"), model_hidden=self.teacher_hidden,
+                           model_layers=self.teacher_layers, model_heads=self.teacher_heads)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,8 +332,14 @@ _DEFAULTS: Dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Train
 def _field_kind(name: str) -> Kind:
     return TrainConfig.__dataclass_fields__[name].metadata["kind"]
 
-# The demo shortened to a few minutes on a 2-core CPU (rlcore train --quick).
-QUICK: Dict[str, Any] = dict(steps=120, eval_every=20, log_every=20, save_every=60)
+# The demo shortened to a few minutes on a 2-core CPU (rlcore train --quick; opd and kd: the teacher's run too).
+QUICK: Dict[str, Any] = dict(steps=120, teacher_steps=120, eval_every=20, log_every=20, save_every=60)
+
+# What the teacher trained first shares with the student's run (TrainConfig.teacher_config).
+TEACHER_SHARED = ("seed", "task", "task_digits", "reward", "train_prompts", "eval_prompts", "model", "dtype",
+                  "cpu_threads", "head_precision", "sft_steps", "sft_batch", "sft_lr", "engine", "max_new_tokens",
+                  "temperature", "weight_decay", "grad_clip", "max_skipped", "eval_every", "log_every", "save_every",
+                  "resume", "force_resume", "plot", "progress", "parallel")
 
 # Fields a resumed run may change: bookkeeping that does not alter what the next step computes.
 RESUME_FREE = frozenset({"out", "steps", "resume", "force_resume", "plot", "progress", "eval_every", "log_every",

@@ -8,14 +8,17 @@ One RL step:
 2. Roll out ``prompts_per_step`` prompts x ``group_size`` samples (OAPL: into its buffer, then draw a batch from it)
    and score them with the reward function.
 3. Recompute the batch's log-probs under the current policy (``old_logp``) and, where needed, the reference; the
-   gap to the sampler's own log-probs is the training-inference mismatch, reported every step.
+   gap to the sampler's own log-probs is the training-inference mismatch, reported every step. opd and kd: the
+   frozen teacher scores the batch instead of the reward (its hidden states, its head through rlcore).
 4. ``epochs`` gradient steps on the fused loss. A step whose loss or gradient norm is not finite is skipped (and
    said so); the optimizer state is untouched. After ``max_skipped`` steps in a row with every update skipped, the
    run stops with a :class:`RunError` saying why (a NaN reward, say) rather than running on, learning nothing.
 
 Bookkeeping: ``out/metrics.jsonl`` (one strict-JSON object per step: ``step``, ``reward``, the loss metrics, ...;
 a non-finite value is written as ``null``; step 0 is the evaluation before RL), a progress bar and periodic lines on the terminal, ``out/checkpoint.pt`` (model, optimizer,
-reference, lagged sampler, buffer, every rank's RNG, step), and ``out/reward.png``.
+reference, lagged sampler, buffer, every rank's RNG, step), ``out/reward.png``, and at the end ``out/model`` (the
+policy as a Hugging Face model dir: what ``teacher`` loads). Without ``teacher``, opd and kd train one first in
+``out/teacher``.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from typing import Dict, List, Optional
 import torch
 
 from . import dist
-from .algorithms import SamplerBuffer, flat_groups, loss_kwargs, offline_vstar, state_digest
+from .algorithms import SamplerBuffer, distill_kwargs, flat_groups, loss_kwargs, offline_vstar, state_digest
 from .config import RESUME_FREE, TrainConfig, resolve_reward
-from .policy import PolicyObjective, batch_logprobs, build_model
+from .policy import (PolicyObjective, batch_logprobs, build_model, head_weight, load_teacher, quiet_transformers,
+                     teacher_scores)
 from .rollout import RolloutBatch, RolloutEngine, Trajectory, TransformersEngine, collate, rollout
 from .tasks import make_task
 
@@ -89,6 +93,9 @@ class Trainer:
         self.spec = cfg.spec
         self.step = 0
         self.ref: Optional[PolicyObjective] = None
+        self.teacher: Optional[PolicyObjective] = None      # opd, kd: the frozen teacher (_ensure_teacher)
+        if cfg.teacher is not None:
+            self._ensure_teacher()                           # a teacher over another vocabulary fails here
         self.vstar: Dict[str, float] = {}
         self.buffer = SamplerBuffer(cfg.oapl_buffer) if cfg.algo == "oapl" else None
         self.sampler_state: Optional[Dict[str, torch.Tensor]] = None
@@ -167,8 +174,10 @@ class Trainer:
         return collate(trajs, self.tok.PAD, self.device)
 
     def _start_rl(self) -> None:
-        """After the warm-up: the frozen reference (A*PO, or a KL term), A*PO's offline V*, the RL optimizer."""
+        """After the warm-up: the frozen reference (A*PO, or a KL term), A*PO's offline V*, the teacher (opd, kd),
+        the RL optimizer."""
         cfg = self.cfg
+        self._ensure_teacher()
         if self.spec.anchor == "ref_logp" or cfg.beta:
             self._make_ref(self._full_policy_state())
         if cfg.algo == "apo":
@@ -181,6 +190,33 @@ class Trainer:
         model.load_state_dict(state)
         model.requires_grad_(False).eval()
         self.ref = PolicyObjective(model, temperature=self.cfg.temperature, precision=self.cfg.head_precision)
+
+    def _ensure_teacher(self) -> None:
+        """opd, kd: load the teacher, from ``cfg.teacher`` or, when it is null, from ``out/teacher/model`` of a
+        teacher trained first on the task (:meth:`_train_teacher`). A no-op for the other algorithms."""
+        if self.spec.distill is None or self.teacher is not None:
+            return
+        path = self.cfg.teacher if self.cfg.teacher is not None else self._train_teacher()
+        vocab = head_weight(self.model).shape[0]
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            self.teacher = load_teacher(path, self.cfg, vocab, self.device)
+        size = sum(p.numel() for p in self.teacher.model.parameters())
+        _say(f"[teacher] {path}: {size / 1e6:.2f}M parameters, hidden {head_weight(self.teacher.model).shape[1]} "
+             f"(the student's: {head_weight(self.model).shape[1]})")
+
+    def _train_teacher(self) -> str:
+        """``cfg.teacher_config()`` run to its end in ``out/teacher`` (resumed like any run, so a rerun reuses a
+        finished teacher), on its own RNG streams: the student's run is the same whether the teacher was trained
+        now or before. Returns the teacher's model dir."""
+        tcfg = self.cfg.teacher_config()
+        _say(f"[teacher] no teacher given: training one first ({tcfg.algo}, {tcfg.steps} steps, hidden "
+             f"{tcfg.model_hidden}) in {tcfg.out}")
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            Trainer(tcfg).run()
+        return str(Path(tcfg.out) / "model")
+
+    def _rng_devices(self) -> List:
+        return [self.device] if self.device.type == "cuda" else []
 
     def _apo_offline(self) -> None:
         """A*PO stage 1: V* per training prompt from ``apo_samples`` samples of pi_ref (cached on disk)."""
@@ -242,16 +278,14 @@ class Trainer:
             batch = fresh
         self.objective.train()
         old = batch_logprobs(self.objective, batch)                                   # [B, T - 1]
-        ref = batch_logprobs(self.ref, batch) if self.ref is not None else None
-        baseline = None
-        if cfg.algo == "apo":
-            baseline = torch.tensor([self.vstar[p] for p in batch.prompts], device=self.device)
         loss_mask = batch.loss_mask
         if self.spec.drop_flat_groups:
             loss_mask = loss_mask & ~flat_groups(batch.rewards, cfg.group)[:, None]
-        kw = loss_kwargs(cfg, batch.rewards, old, batch.sampler_logp, ref_logp=ref, baseline=baseline,
-                         max_completion=self._max_completion())
         metrics: Dict[str, float] = {}
+        if self.spec.distill is not None:
+            kw = self._distill_kwargs(batch, old, metrics)
+        else:
+            kw = self._reward_kwargs(batch, old)
         skipped = 0
         for _ in range(cfg.epochs):
             out = self.objective(batch.input_ids, batch.attention_mask, loss_mask, **dict(kw))
@@ -279,6 +313,26 @@ class Trainer:
         self._skip_note = _reward_note(batch.rewards) if skipped else ""
         return metrics
 
+    def _reward_kwargs(self, batch: RolloutBatch, old: torch.Tensor) -> Dict:
+        """The loss keywords of an algorithm that learns from the reward (``algorithms.loss_kwargs``)."""
+        ref = batch_logprobs(self.ref, batch) if self.ref is not None else None
+        baseline = None
+        if self.cfg.algo == "apo":
+            baseline = torch.tensor([self.vstar[p] for p in batch.prompts], device=self.device)
+        return loss_kwargs(self.cfg, batch.rewards, old, batch.sampler_logp, ref_logp=ref, baseline=baseline,
+                           max_completion=self._max_completion())
+
+    def _distill_kwargs(self, batch: RolloutBatch, old: torch.Tensor, metrics: Dict[str, float]) -> Dict:
+        """opd, kd: the teacher scores the student's samples (its backbone once, no grad), and the loss gets its head
+        (``algorithms.distill_kwargs``). Adds the teacher's view to ``metrics``: ``teacher_logp_mean`` and
+        ``kl_sampled``, the mean of ``log pi_S(y_t) - log pi_T(y_t)`` over the sampled tokens (an estimate of the
+        reverse KL)."""
+        m = batch.loss_mask
+        th, tw, tlogp = teacher_scores(self.teacher, batch)
+        n = m.sum().clamp(min=1)
+        metrics.update(teacher_logp_mean=float(tlogp.sum() / n), kl_sampled=float((old - tlogp).sum() / n))
+        return distill_kwargs(self.cfg, th, tw, tlogp, old, batch.sampler_logp)
+
     def _stop_if_stuck(self) -> None:
         """:class:`RunError` once ``max_skipped`` steps in a row had every update skipped."""
         if self.skipped_in_a_row >= self.cfg.max_skipped:
@@ -296,19 +350,27 @@ class Trainer:
                     mismatch_abs_max=float(gap.max()) if gap.numel() else 0.0)
 
     @torch.no_grad()
-    def evaluate(self) -> Dict[str, float]:
-        """Mean reward on the held-out prompts: sampled at the training temperature, and greedy.
+    def evaluate(self, engine: Optional[RolloutEngine] = None, prefix: str = "eval") -> Dict[str, float]:
+        """Mean reward on the held-out prompts: sampled at the training temperature, and greedy, as
+        ``{prefix}_reward`` and ``{prefix}_greedy``. ``engine``: another model's (the teacher's), else the policy's.
 
         Runs on its own RNG stream, so evaluating (or not) never changes the training run."""
-        if self.sharded:
-            self._sync_engine(self.eval_engine)
+        if engine is None:
+            engine = self.eval_engine
+            if self.sharded:
+                self._sync_engine(engine)
         prompts = self.eval_prompts[dist.rank()::dist.world()]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + 99991 * (self.step + 1) + dist.rank())
-            sampled = self._rollout(prompts, 1, self.eval_engine)
-            greedy = self._rollout(prompts, 1, self.eval_engine, temperature=0.0)
-        return dist.all_mean(dict(eval_reward=sum(t.reward for t in sampled) / len(sampled),
-                                  eval_greedy=sum(t.reward for t in greedy) / len(greedy)))
+            sampled = self._rollout(prompts, 1, engine)
+            greedy = self._rollout(prompts, 1, engine, temperature=0.0)
+        return dist.all_mean({f"{prefix}_reward": sum(t.reward for t in sampled) / len(sampled),
+                              f"{prefix}_greedy": sum(t.reward for t in greedy) / len(greedy)})
+
+    def evaluate_teacher(self) -> Dict[str, float]:
+        """The teacher's held-out reward, as :meth:`evaluate` measures the student's (the target of opd and kd)."""
+        engine = TransformersEngine(self.teacher.model, pad_id=self.tok.PAD, own_copy=True)
+        return self.evaluate(engine, prefix="teacher_eval")
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints
@@ -378,6 +440,7 @@ class Trainer:
         dist.load_optim_state_dict(self.objective, self.optimizer, state["optimizer"])
         if state["ref"] is not None:
             self._make_ref(state["ref"])
+        self._ensure_teacher()
         self.sampler_state = state["sampler"]
         if self.sampler_state is not None:
             self.engine.load_weights(self.sampler_state)
@@ -406,6 +469,7 @@ class Trainer:
             if self.step >= cfg.steps:
                 _say(f"[resume] the checkpoint is at step {self.step} = steps: nothing left to train")
         else:
+            self._ensure_teacher()
             self.sft()
             self._start_rl()
             first = dict(step=0, **self.evaluate())
@@ -413,6 +477,8 @@ class Trainer:
             self.history = [first]
             if getattr(self, "apo_stats", None):
                 first.update(self.apo_stats)
+            if self.teacher is not None:
+                first.update(self.evaluate_teacher())
         self._rewrite_metrics()
         bar = _progress(cfg, self.step)
         try:
@@ -421,9 +487,23 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        self.export_model()
         if dist.is_main():
             self._summary()
         return self.history
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / "model"
+
+    def export_model(self) -> None:
+        """The policy as a Hugging Face model dir, ``out/model`` (``save_pretrained``): what ``--teacher`` and
+        ``--model`` load. Rewritten at the end of every run."""
+        state = self._full_policy_state()
+        if dist.is_main():
+            with quiet_transformers():
+                self._eval_model.save_pretrained(self.model_dir, state_dict=state)
+        dist.barrier()
 
     def _one_step(self, bar) -> None:
         """A training step with its evaluation, metrics line, progress, stop check and checkpoint."""
@@ -462,12 +542,22 @@ class Trainer:
             _say(f"[rlcore] held-out reward (sampled, T={self.cfg.temperature}): {a['eval_reward']:.3f} at step "
                  f"{a['step']} -> {b['eval_reward']:.3f} at step {b['step']}; greedy {a['eval_greedy']:.3f} -> "
                  f"{b['eval_greedy']:.3f}")
+            if "teacher_eval_reward" in a:
+                _say(f"[rlcore] the teacher's held-out reward: {a['teacher_eval_reward']:.3f} (greedy "
+                     f"{a['teacher_eval_greedy']:.3f})")
         if self.cfg.plot:
             from .plot import plot_rewards
 
-            path = plot_rewards(self.history, self.out / "reward.png", title=f"{self.cfg.algo} on {self.cfg.task}")
+            path = plot_rewards(self.history, self.out / "reward.png", title=self._plot_title())
             _say(f"[rlcore] reward curve: {path}" if path else
                  "[rlcore] matplotlib is not installed: no reward.png (pip install matplotlib)")
+
+    def _plot_title(self) -> str:
+        title = f"{self.cfg.algo} on {self.cfg.task}"
+        if self.teacher is None:
+            return title
+        return (f"{title}: a student of hidden {head_weight(self.model).shape[1]} from a teacher of hidden "
+                f"{head_weight(self.teacher.model).shape[1]}")
 
 
 _CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "ranks")
@@ -520,6 +610,8 @@ def _line(r: Dict, steps: int) -> str:
     parts = [f"step {r['step']}/{steps}", f"reward {r['reward']:.3f}", f"loss {r['loss']:.4g}"]
     if "eval_reward" in r:
         parts.append(f"eval {r['eval_reward']:.3f} (greedy {r['eval_greedy']:.3f})")
+    if "kl_sampled" in r:                                    # opd, kd: how far the student is from the teacher
+        parts.append(f"kl to teacher {r['kl_sampled']:.3f}")
     parts += [f"mismatch {r['mismatch_abs_max']:.1e}", f"{r['time_step']:.2f}s/step"]
     if r.get("skipped"):
         parts.append("SKIPPED")

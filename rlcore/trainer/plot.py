@@ -9,7 +9,8 @@ __all__ = ["plot_rewards"]
 
 
 def plot_rewards(history: List[Dict], path: Path, title: str = "") -> Optional[Path]:
-    """Training reward per step (and its running mean) and the held-out reward; ``None`` without matplotlib."""
+    """Training reward per step (and its running mean), the held-out reward, and the teacher's held-out reward as
+    horizontal lines when the history holds it (opd, kd); ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -32,12 +33,16 @@ def plot_rewards(history: List[Dict], path: Path, title: str = "") -> Optional[P
                 label="held-out reward (sampled)")
         ax.plot([r["step"] for r in evals], [r["eval_greedy"] for r in evals], "s--", color="tab:green",
                 label="held-out reward (greedy)")
+    target = next((r for r in history if "teacher_eval_reward" in r), None)
+    if target is not None:                  # opd, kd: the teacher's held-out reward is the target
+        ax.axhline(target["teacher_eval_reward"], color="tab:orange", ls=":", lw=2, label="teacher, held-out (sampled)")
+        ax.axhline(target["teacher_eval_greedy"], color="tab:green", ls=":", lw=2, label="teacher, held-out (greedy)")
     ax.set_xlabel("RL step")
     ax.set_ylabel("reward")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", ncol=1 if target is None else 2, fontsize=None if target is None else "small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
