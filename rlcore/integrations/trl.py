@@ -3,17 +3,20 @@ trainer is built; it returns the trainer.
 
 The head (always): TRL computes per-token log-probs through a seam that rlcore takes over:
 
-- TRL >= 1.16 (``"forward"``): ``add_fused_lm_head`` patched the policy's (and the reference model's) forward so that
-  ``model(..., labels=..., fused_lm_head=True)`` returns ``.log_probs`` / ``.entropy``; ``install`` patches it
-  again with rlcore's head (``rlcore.integrations.hf``: the model's own scale and soft cap, the fused kernels inside
-  the head module's call). Without ``fused_lm_head`` the model's forward is the original one (generation).
-- older TRL (``"method"``): ``trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
-  logits_to_keep, batch_size, compute_entropy)`` itself, computed from the backbone's hidden states.
+- TRL >= 1.15 (``"forward"``; tested on 1.16): ``add_fused_lm_head`` patched the policy's (and the reference
+  model's) forward so that ``model(..., labels=..., fused_lm_head=True)`` returns ``.log_probs`` / ``.entropy``;
+  ``install`` patches it again with rlcore's head (``rlcore.integrations.hf``: the model's own scale and soft cap,
+  the fused kernels inside the head module's call). Without ``fused_lm_head`` the model's forward is the original
+  one (generation).
+- older TRL (``"method"``; 0.20 to 1.14, tested on 0.20.0): ``trainer._get_per_token_logps_and_entropies(model,
+  input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy)`` itself, computed from the backbone's
+  hidden states. TRL below 0.20 has no such method (``_get_per_token_logps`` only) and is refused.
 
 The loss (``loss=True``): ``trainer._compute_loss`` becomes :func:`rlcore.policy_loss` with TRL's settings mapped
 onto rlcore's options (see :func:`loss_settings`); a setting with no exact rlcore equivalent keeps TRL's own loss,
-after a one-time ``UserWarning`` naming the setting. TRL's metrics ``entropy``, ``kl`` and the clip fractions are
-logged as TRL logs them, rlcore's own under ``rlcore/``.
+after a one-time ``UserWarning`` naming the setting; so does a loss type on a TRL older than the first release whose
+formula and normaliser rlcore reproduces (``_LOSS_SINCE``, read from each release's source). TRL's metrics
+``entropy``, ``kl`` and the clip fractions are logged as TRL logs them, rlcore's own under ``rlcore/``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from . import hf
 
 __all__ = ["install", "loss_settings", "SUPPORTED_TRL", "Unsupported"]
 
-SUPPORTED_TRL = ("0.17", "2")        # [lowest, below this major) of the TRL versions install takes
+SUPPORTED_TRL = ("0.20", "2")        # [lowest, below this major): 0.20 added _get_per_token_logps_and_entropies
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 _warned: set = set()
@@ -50,7 +53,8 @@ def _check_version(version: str) -> None:
 
     v = Version(version)
     if not (Version(SUPPORTED_TRL[0]) <= v < Version(SUPPORTED_TRL[1])):
-        raise ValueError(f"rlcore.integrations.trl supports TRL >= {SUPPORTED_TRL[0]} and < {SUPPORTED_TRL[1]}; "
+        raise ValueError(f"rlcore.integrations.trl supports TRL >= {SUPPORTED_TRL[0]} and < {SUPPORTED_TRL[1]} "
+                         f"(GRPOTrainer._get_per_token_logps_and_entropies or the fused LM head); "
                          f"this is TRL {version}")
 
 
@@ -141,8 +145,9 @@ def _per_token_logps_method(trainer, original):
     def method(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
                compute_aux_loss=False, **extra):
         if compute_aux_loss or any(extra.get(k) is not None for k in _MULTIMODAL):
+            aux = dict(compute_aux_loss=compute_aux_loss) if _returns_aux(original) else {}     # TRL >= 1.9
             return original(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                            compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+                            compute_entropy=compute_entropy, **aux, **extra)
         lm = _unwrap(model)
         batch_size = batch_size or input_ids.size(0)
         logps, ents = [], []
@@ -173,7 +178,7 @@ def _install_head(trainer, seam: str) -> str:
     entropy = True
     if seam == "forward":
         if not _is_fused_forward(_unwrap(trainer.model)):
-            raise ValueError("seam='forward' needs TRL's fused LM head (model(..., fused_lm_head=True), TRL >= 1.16); "
+            raise ValueError("seam='forward' needs TRL's fused LM head (model(..., fused_lm_head=True), TRL >= 1.15); "
                              "this trainer's model has none: use seam='method' or 'auto'")
         _install_forward(trainer.model, trainer.temperature, entropy, _precision(trainer))
         ref = getattr(trainer, "ref_model", None)
@@ -202,15 +207,39 @@ _LOSSES = {
     "cispo": ("cispo", "token-mean"),
     "sapo": ("sapo", "seq-mean-token-mean"),
 }
+# the first TRL whose _compute_loss computes the loss type as rlcore's mapping does: grpo, bnpo and dr_grpo are
+# unchanged since 0.20 (only where they divide by the accumulation steps moved: _divides_by_accumulation); for dapo,
+# cispo, sapo and luspo, TRL's _compute_loss is the same from 1.10 to 1.16 (diffed), while 1.9's dapo and cispo
+# normaliser lacks the rescaling by steps_per_generation and older releases differ further (not reproduced)
+_LOSS_SINCE = {"grpo": "0.20", "bnpo": "0.20", "dr_grpo": "0.20", "dapo": "1.10", "luspo": "1.10", "cispo": "1.10",
+               "sapo": "1.10"}
 
 
-def loss_settings(trainer) -> Tuple[str, Dict[str, Any]]:
-    """``(rlcore loss_type, options)`` equal to the trainer's TRL loss settings (per-batch counts are added per
-    call); raises :class:`Unsupported` naming a setting with no exact equivalent."""
+def _at_least(version: str, since: str) -> bool:
+    from packaging.version import Version
+
+    return Version(version) >= Version(since)
+
+
+def _divides_by_accumulation(version: str, train: bool) -> bool:
+    """Whether TRL's ``_compute_loss`` divides grpo, bnpo, dr_grpo (sapo, luspo) by the accumulation steps: not
+    before 0.22 (the Trainer does it, outside ``_compute_loss``), always from 0.22, in training only from 0.27.1."""
+    if not _at_least(version, "0.22"):
+        return False
+    return train or not _at_least(version, "0.27.1")
+
+
+def loss_settings(trainer, version: str | None = None) -> Tuple[str, Dict[str, Any]]:
+    """``(rlcore loss_type, options)`` equal to the trainer's TRL loss settings under TRL ``version`` (default: the
+    installed one; per-batch counts are added per call); raises :class:`Unsupported` naming a setting with no exact
+    equivalent."""
     args = trainer.args
     t = trainer.loss_type
     if t not in _LOSSES:
         raise Unsupported(f"loss_type={t!r}")
+    version = _version() if version is None else version
+    if not _at_least(version, _LOSS_SINCE[t]):
+        raise Unsupported(f"loss_type={t!r} on TRL {version} (rlcore reproduces TRL's from {_LOSS_SINCE[t]})")
     for name, bad, what in (("top_entropy_quantile", getattr(trainer, "top_entropy_quantile", 1.0) < 1.0, "< 1"),
                             ("entropy_coef", getattr(trainer, "_entropy_bonus_enabled", False), "an entropy bonus"),
                             ("router_aux_loss_coef", getattr(trainer, "aux_loss_enabled", False), "an MoE aux loss")):
@@ -280,11 +309,11 @@ def _rlcore_loss(self, model, inputs, loss_type: str, opts: Dict[str, Any]):
         extra["ref_logp"] = inputs["ref_per_token_logps"]
     if opts.get("off_policy_mask") is not None and "sampling_per_token_logps" in inputs:
         extra["sampler_logp"] = inputs["sampling_per_token_logps"]
-    if self.use_vllm and self.vllm_importance_sampling_correction:
+    if self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False):     # TRL >= 0.23
         extra["token_weights"] = inputs["importance_sampling_ratio"].expand_as(logp)
     res = policy_loss(logp, advantages, mask.bool(), old_logp=old, loss_type=loss_type, **extra, **opts)
     loss = res.loss
-    if self.loss_type not in ("dapo", "cispo") and train:
+    if self.loss_type not in ("dapo", "cispo") and _divides_by_accumulation(_version(), train):
         loss = loss / self.current_gradient_accumulation_steps
     _log_metrics(self, res.metrics, entropy, mask)
     return loss
@@ -314,7 +343,7 @@ def _log_metrics(self, metrics, entropy, mask) -> None:
 
 def install(trainer, loss: bool = False, seam: str = "auto"):
     """Replace TRL's LM head in ``trainer`` (a ``trl.GRPOTrainer``) with rlcore's, and with ``loss=True`` its loss
-    too; returns ``trainer``. ``seam``: ``"auto"`` (TRL 1.16's fused-forward seam where present, else the
+    too; returns ``trainer``. ``seam``: ``"auto"`` (TRL's fused-forward seam where present, 1.15 on, else the
     ``_get_per_token_logps_and_entropies`` method), ``"forward"`` or ``"method"``. Raises ``ValueError`` for a TRL
     outside the supported range, a trainer without the seams, or a head rlcore cannot reproduce exactly."""
     _check_version(_version())
