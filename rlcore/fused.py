@@ -109,7 +109,7 @@ def fused_policy_loss(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(map(repr, STRATEGIES))}")
     sharded = process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias)
-    backend = _check_softcap(softcap, backend, hidden.device if isinstance(hidden, torch.Tensor) else None, sharded)
+    _check_softcap(softcap, sharded)
     if softcap > 0 and strategy == "single_pass":
         raise ValueError("strategy='single_pass' does not take softcap; use strategy='two_pass' or 'auto'")
     if sharded:
