@@ -3,11 +3,16 @@ without ever holding the ``[N, V]`` logits.
 
 Notation (one row ``n``, vocabulary ``v``)::
 
-    z_v   = (h . W_v + b_v) * inv_temp                     logits after temperature
+    a_v   = h . W_v + b_v                                  raw logits
+    z_v   = cap(a_v) * inv_temp                            logits after the cap and the temperature
     lse   = log sum_v exp(z_v)
     p_v   = exp(z_v - lse)
     logp  = z_t - lse                                      t = target id
     ent   = -sum_v p_v log p_v = lse - sum_v p_v z_v
+
+``cap`` is the identity, or with ``softcap = c > 0`` (the ``SOFTCAP`` variant of the forward and dz kernels; Gemma
+2/3) ``cap(a) = c tanh(a / c)``, whose slope is ``cap'(a) = 1 - tanh^2(a / c)``, both from one exp (``_tanh_parts``:
+saturating at logits of 1e4, no inf or NaN). Without the cap the kernels' code is unchanged (``_cap_scale``).
 
 Forward (``_fwd_kernel``): ``cdiv(N, BLOCK_N) x SPLITS`` programs, rasterized in groups (``_grouped_pid``) so that
 programs running together share their rows of ``h`` and tiles of ``W`` in L2. Program ``(i_n, i_s)`` streams the span
@@ -29,7 +34,7 @@ Differentiating the definitions above::
     dlogp/dz_v = [v == t] - p_v
     dent/dz_v  = -p_v (log p_v + ent) = -p_v (z_v - lse + ent)
     dz_v       = g_lp ([v == t] - p_v) - g_ent p_v (z_v - lse + ent)
-    dlogits_v  = dz_v * inv_temp                    (chain rule through the temperature)
+    dlogits_v  = dz_v * inv_temp * cap'(a_v)        (chain rule through the temperature and the cap)
     dh   = dlogits @ W          dW = dlogits.T @ h          db = sum_n dlogits
 
 The vocabulary is walked in slices of ``C`` columns (``C`` ~ max(2 H, 2^24 / N), so a slice's ``dz`` holds about
@@ -172,11 +177,12 @@ def _tanh_parts(x):
     without an inf or a NaN. Triton's libdevice ``tanh`` would do on a GPU, but the CPU interpreter has none."""
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
+    r = 1.0 / (1.0 + e)
     x2 = x * x
     series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    big = (1.0 - e) * r
     b_t = tl.where(ax < 0.25, series, tl.where(x < 0, -big, big))
-    return b_t, 4.0 * e / ((1.0 + e) * (1.0 + e))
+    return b_t, 4.0 * e * r * r
 
 
 @triton.jit
@@ -307,13 +313,16 @@ def _fwd_kernel(
             b_raw = b_acc   # h W^T + b (not b_a: that is the running entropy numerator)
             if HAS_BIAS:
                 b_raw += tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+            if Z_OUT and SOFTCAP:   # the raw tile, stored before the cap: it is dead after it (fewer live values)
+                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]
+                tl.store(p_z, b_raw, mask=m_n[:, None] & m_v[None, :])
             b_z, _ = _cap_scale(b_raw, m_v, softcap, inv_temp, SOFTCAP)
             b_zt += tl.sum(tl.where(o_v[None, :].to(tl.int64) == b_t[:, None], b_z, 0.0), 1)
             # The entropy numerator costs one FMA per logit next to an H-long dot product: always kept.
             b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
-            if Z_OUT:  # the single pass of the fused loss keeps the FP32 logits [N, V] of its slice for dz: z, or
-                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]   # the raw a with a cap (its slope)
-                tl.store(p_z, b_raw if SOFTCAP else b_z, mask=m_n[:, None] & m_v[None, :])
+            if Z_OUT and not SOFTCAP:  # the single pass of the fused loss keeps the FP32 logits [N, V] of its slice
+                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]   # for dz (with a cap: the raw a, above)
+                tl.store(p_z, b_z, mask=m_n[:, None] & m_v[None, :])
             b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
     # part: [4, SPLITS, N] fp32, contiguous
@@ -363,14 +372,26 @@ def _dz_kernel(
         b_zr = b_z - b_lse[:, None]                        # log p, -inf on masked columns
         b_p = tl.where(m_row[:, None], tl.exp(b_zr), 0.0)  # [BLOCK_N, BLOCK_V]
         b_hit = o_v[None, :].to(tl.int64) == b_t[:, None]
-        b_dz = tl.where(b_hit, b_glp[:, None], 0.0) - b_glp[:, None] * b_p
-        if HAS_GRAD_ENT:
-            b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
-            b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
-            b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
-        b_dz = b_dz * inv_temp  # d/d(cap(h W^T + b))
-        if SOFTCAP:  # d/d(h W^T + b): the chain rule through the cap (masked: a dead row's NaN slope stays out)
-            b_dz = tl.where(m_row[:, None], b_dz * b_slope, 0.0)
+        if SOFTCAP:
+            # d/d(h W^T + b): the chain rule through the cap, folded in here rather than at the end, so that no more
+            # [BLOCK_N, BLOCK_V] values are live at once than without a cap (128 x 128 tiles then spill nothing):
+            # p becomes p cap'(a), and the target term takes its row's slope at the target column.
+            b_slope = tl.where(m_row[:, None], b_slope, 0.0)  # a dead row's NaN slope stays out
+            b_gt = b_glp * tl.sum(tl.where(b_hit, b_slope, 0.0), 1)
+            b_p = b_p * b_slope
+            b_wt = b_glp[:, None] + tl.zeros_like(b_p)        # per logit: g_lp (+ g_ent (log p + ent))
+            if HAS_GRAD_ENT:                                  # one expression, so log p dies before dz is formed
+                b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
+                b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
+                b_wt += b_gent[:, None] * (b_zr + b_ent[:, None])
+            b_dz = tl.where(b_hit, b_gt[:, None], 0.0) - tl.where(b_p > 0, b_p * b_wt, 0.0)
+        else:
+            b_dz = tl.where(b_hit, b_glp[:, None], 0.0) - b_glp[:, None] * b_p
+            if HAS_GRAD_ENT:
+                b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
+                b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
+                b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
+        b_dz = b_dz * inv_temp  # d/d(h W^T + b)
     if UPCAST:
         b_dz = _round_bf16(b_dz)  # the interpreter's store to bf16 truncates; the GPU's rounds to nearest
     p_dz = dz_ptr + (o_n[:, None].to(tl.int64) * VC + o_c[None, :])  # one int64 offset

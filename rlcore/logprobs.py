@@ -470,11 +470,10 @@ def linear_logprobs(
             the backward gives each rank its shard's gradient and the full ``dh``. A DTensor ``weight``/``bias`` is
             accepted with or without a group. See ``rlcore.distributed``.
         softcap: ``c > 0`` caps the logits at ``cap(a) = c * tanh(a / c)`` before the temperature (Gemma 2/3's
-            ``final_logit_softcapping``), with its gradient; ``0`` (default) for none. Chunked PyTorch and compiled
-            C++ backends; ``backend="triton"`` raises ``ValueError`` until its kernels take a cap, and
-            ``backend="auto"`` on CUDA runs the chunked path. With a cap, a ``-inf`` bias entry becomes ``-c``, as
-            in the models' own formula. A multiplicative logit scale ``s`` (Cohere, Granite) needs no option: it is
-            ``temperature=1/s``.
+            ``final_logit_softcapping``), with its gradient, on every backend (the Triton kernels' ``SOFTCAP``
+            variant); ``0`` (default) for none. Not with ``targets [..., K]`` or a sharded head (``ValueError``).
+            With a cap, a ``-inf`` bias entry becomes ``-c``, as in the models' own formula. A multiplicative
+            logit scale ``s`` (Cohere, Granite) needs no option: it is ``temperature=1/s``.
 
     Returns:
         ``logp [...]`` (``[..., K]`` for ``K`` ids per position) float32 (float64 for float64 inputs), or

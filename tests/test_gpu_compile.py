@@ -121,9 +121,10 @@ def test_inner_loop_is_software_pipelined(records, job_id):
 
 
 def test_every_variant_and_shape_is_built():
-    """The default config of each table is built in every bias / entropy variant, at a shape whose ints are all
-    multiples of 16 and at one whose row count is not (different specialisations, different binaries)."""
-    for kernel, flags in (("fwd", {"HAS_BIAS", "Z_OUT"}), ("dz", {"HAS_BIAS", "HAS_GRAD_ENT"})):
+    """The default config of each table is built in every bias / entropy / soft-cap variant, at a shape whose ints
+    are all multiples of 16 and at one whose row count is not (different specialisations, different binaries)."""
+    for kernel, flags in (("fwd", {"HAS_BIAS", "Z_OUT", "SOFTCAP"}), ("dz", {"HAS_BIAS", "HAS_GRAD_ENT", "SOFTCAP"}),
+                          ("dz_from_logits", {"HAS_GRAD_ENT", "SOFTCAP"})):
         built = {tuple(sorted(k for k in flags if job["constexprs"].get(k))) for job in JOBS
                  if job["kernel"] == kernel and job["index"] == 0}
         assert len(built) == 2 ** len(flags), f"{kernel}: variants built {built}"
