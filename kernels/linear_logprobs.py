@@ -11,8 +11,9 @@ Notation (one row ``n``, vocabulary ``v``)::
     ent   = -sum_v p_v log p_v = lse - sum_v p_v z_v
 
 ``cap`` is the identity, or with ``softcap = c > 0`` (the ``SOFTCAP`` variant of the forward and dz kernels; Gemma
-2/3) ``cap(a) = c tanh(a / c)``, whose slope is ``cap'(a) = 1 - tanh^2(a / c)``, both from one exp (``_tanh_parts``:
-saturating at logits of 1e4, no inf or NaN). Without the cap the kernels' code is unchanged (``_cap_scale``).
+2/3) ``cap(a) = c tanh(a / c)`` (``_tanh``: one exp, saturating at logits of 1e4 with no inf or NaN), whose slope
+``cap'(a) = 1 - tanh^2(a / c)`` the dz kernel forms from the capped logits (``_cap_slope``). Without the cap the
+kernels' code is unchanged (``_cap_scale``).
 
 Forward (``_fwd_kernel``): ``cdiv(N, BLOCK_N) x SPLITS`` programs, rasterized in groups (``_grouped_pid``) so that
 programs running together share their rows of ``h`` and tiles of ``W`` in L2. Program ``(i_n, i_s)`` streams the span
@@ -167,37 +168,39 @@ def _grouped_pid(i_pid, n_rows, n_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _tanh_parts(x):
-    """``(tanh x, 1 - tanh(x)^2)`` in FP32 from one exp, accurate in relative terms for every ``x``.
-
-    ``e = exp(-2 |x|)`` gives ``|tanh x| = (1 - e) / (1 + e)`` and ``1 - tanh^2 = 4 e / (1 + e)^2`` with no
-    cancellation in the slope (``1 - t * t`` would lose its digits where the cap saturates); below ``|x| = 1/4``, where
-    ``1 - e`` would cancel, ``tanh`` is its odd Taylor series to ``x^9`` (truncation < 1e-8 relative). ``|x|`` past
-    ~44 underflows ``e`` to 0: ``tanh = +-1`` and slope 0 exactly, so logits of 1e4 (and a -inf bias) saturate
-    without an inf or a NaN. Triton's libdevice ``tanh`` would do on a GPU, but the CPU interpreter has none."""
+def _tanh(x):
+    """``tanh x`` in FP32 from one exp, accurate in relative terms for every ``x``: ``e = exp(-2 |x|)`` gives
+    ``|tanh x| = (1 - e) / (1 + e)``; below ``|x| = 1/4``, where ``1 - e`` would cancel, the odd Taylor series to
+    ``x^9`` (truncation < 1e-8 relative). ``|x|`` past ~44 underflows ``e`` to 0: ``+-1`` exactly, so logits of 1e4
+    (and a -inf bias) saturate without an inf or a NaN. (Triton's libdevice ``tanh`` would do on a GPU, but the CPU
+    interpreter has none.)"""
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    r = 1.0 / (1.0 + e)
     x2 = x * x
     series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    big = (1.0 - e) * r
-    b_t = tl.where(ax < 0.25, series, tl.where(x < 0, -big, big))
-    return b_t, 4.0 * e * r * r
+    big = (1.0 - e) / (1.0 + e)
+    return tl.where(ax < 0.25, series, tl.where(x < 0, -big, big))
 
 
 @triton.jit
 def _cap_scale(b_a, m_v, softcap, inv_temp, SOFTCAP: tl.constexpr):
-    """A raw logit tile ``a = h W^T + b [BLOCK_N, BLOCK_V]`` (FP32) -> ``(z, slope)``: the logits
-    ``z = cap(a) * inv_temp``, -inf on the columns outside ``m_v``, and ``slope = d cap(a) / d a``.
-
-    ``cap(a) = softcap * tanh(a / softcap)`` with ``SOFTCAP`` (Gemma 2/3's soft cap), the identity without; the slope
-    is then ``1 - tanh^2`` (see ``_tanh_parts``), else 1 (a constant a kernel without the cap never reads: its code is
-    that of the uncapped kernel)."""
-    b_slope = tl.full(b_a.shape, 1.0, tl.float32)
+    """A raw logit tile ``a = h W^T + b [BLOCK_N, BLOCK_V]`` (FP32) -> the logits ``z = cap(a) * inv_temp``, -inf on
+    the columns outside ``m_v``; ``cap(a) = softcap * tanh(a / softcap)`` with ``SOFTCAP`` (Gemma 2/3's soft cap), the
+    identity without (the uncapped kernels' code is then what it was)."""
     if SOFTCAP:
-        b_t, b_slope = _tanh_parts(b_a / softcap)
-        b_a = softcap * b_t
-    return tl.where(m_v[None, :], b_a * inv_temp, float("-inf")), b_slope
+        b_a = softcap * _tanh(b_a / softcap)
+    return tl.where(m_v[None, :], b_a * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _cap_slope(b_z, softcap, inv_temp):
+    """``d cap(a) / d a = 1 - tanh^2(a / softcap)`` from the capped logits ``z = softcap tanh(a / softcap) inv_temp``
+    themselves (``tanh = z / (softcap inv_temp)``; 0 on -inf columns). Formed at the point of use rather than kept
+    from the cap: one ``[BLOCK_N, BLOCK_V]`` tile fewer live, which 128 x 128 tiles need to spill nothing. Exactly 0
+    where the cap saturates (``tanh = +-1`` gives ``z = +-softcap inv_temp``, the very product divided by); near
+    it, the error is a few FP32 ulps of 1 in absolute terms (``z`` is rounded), not relative to the slope."""
+    b_t = b_z / (softcap * inv_temp)
+    return tl.maximum(1.0 - b_t * b_t, 0.0)
 
 
 @triton.jit
@@ -238,8 +241,7 @@ def _logits_tile(
     """``z[BLOCK_N, BLOCK_V] = (h[o_n] @ W[o_v].T + b[o_v]) * inv_temp`` in FP32; columns outside ``m_v`` are -inf."""
     b_a = _head_tile(h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H, stride_hn, stride_hh, stride_wv, stride_wh,
                      HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
-    b_z, _ = _cap_scale(b_a, m_v, 1.0, inv_temp, False)
-    return b_z
+    return _cap_scale(b_a, m_v, 1.0, inv_temp, False)
 
 
 @triton.jit
@@ -313,15 +315,15 @@ def _fwd_kernel(
             b_raw = b_acc   # h W^T + b (not b_a: that is the running entropy numerator)
             if HAS_BIAS:
                 b_raw += tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-            if Z_OUT and SOFTCAP:   # the raw tile, stored before the cap: it is dead after it (fewer live values)
+            b_z = _cap_scale(b_raw, m_v, softcap, inv_temp, SOFTCAP)
+            if Z_OUT and SOFTCAP:   # stored at once: fewer values live through the update (no spills)
                 p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]
-                tl.store(p_z, b_raw, mask=m_n[:, None] & m_v[None, :])
-            b_z, _ = _cap_scale(b_raw, m_v, softcap, inv_temp, SOFTCAP)
+                tl.store(p_z, b_z, mask=m_n[:, None] & m_v[None, :])
             b_zt += tl.sum(tl.where(o_v[None, :].to(tl.int64) == b_t[:, None], b_z, 0.0), 1)
             # The entropy numerator costs one FMA per logit next to an H-long dot product: always kept.
             b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
             if Z_OUT and not SOFTCAP:  # the single pass of the fused loss keeps the FP32 logits [N, V] of its slice
-                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]   # for dz (with a cap: the raw a, above)
+                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]   # for dz (with a cap: above)
                 tl.store(p_z, b_z, mask=m_n[:, None] & m_v[None, :])
             b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
@@ -368,30 +370,21 @@ def _dz_kernel(
             stride_hn, stride_hh, stride_wv, stride_wh,
             HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
-        b_z, b_slope = _cap_scale(b_a, m_v, softcap, inv_temp, SOFTCAP)
+        b_z = _cap_scale(b_a, m_v, softcap, inv_temp, SOFTCAP)
         b_zr = b_z - b_lse[:, None]                        # log p, -inf on masked columns
         b_p = tl.where(m_row[:, None], tl.exp(b_zr), 0.0)  # [BLOCK_N, BLOCK_V]
         b_hit = o_v[None, :].to(tl.int64) == b_t[:, None]
-        if SOFTCAP:
-            # d/d(h W^T + b): the chain rule through the cap, folded in here rather than at the end, so that no more
-            # [BLOCK_N, BLOCK_V] values are live at once than without a cap (128 x 128 tiles then spill nothing):
-            # p becomes p cap'(a), and the target term takes its row's slope at the target column.
-            b_slope = tl.where(m_row[:, None], b_slope, 0.0)  # a dead row's NaN slope stays out
-            b_gt = b_glp * tl.sum(tl.where(b_hit, b_slope, 0.0), 1)
-            b_p = b_p * b_slope
-            b_wt = b_glp[:, None] + tl.zeros_like(b_p)        # per logit: g_lp (+ g_ent (log p + ent))
-            if HAS_GRAD_ENT:                                  # one expression, so log p dies before dz is formed
-                b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
-                b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
-                b_wt += b_gent[:, None] * (b_zr + b_ent[:, None])
-            b_dz = tl.where(b_hit, b_gt[:, None], 0.0) - tl.where(b_p > 0, b_p * b_wt, 0.0)
-        else:
-            b_dz = tl.where(b_hit, b_glp[:, None], 0.0) - b_glp[:, None] * b_p
-            if HAS_GRAD_ENT:
-                b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
-                b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
+        b_dz = tl.where(b_hit, b_glp[:, None], 0.0) - b_glp[:, None] * b_p
+        if HAS_GRAD_ENT:
+            b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
+            b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
+            if SOFTCAP:  # log p + ent from z, which the slope needs below: one tile (z) live, not two (z, log p)
+                b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_z + (b_ent - b_lse)[:, None]), 0.0)
+            else:
                 b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
-        b_dz = b_dz * inv_temp  # d/d(h W^T + b)
+        b_dz = b_dz * inv_temp  # d/d(cap(h W^T + b))
+        if SOFTCAP:  # d/d(h W^T + b): the chain rule through the cap (masked: a dead row's NaN stays out)
+            b_dz = tl.where(m_row[:, None], b_dz * _cap_slope(b_z, softcap, inv_temp), 0.0)
     if UPCAST:
         b_dz = _round_bf16(b_dz)  # the interpreter's store to bf16 truncates; the GPU's rounds to nearest
     p_dz = dz_ptr + (o_n[:, None].to(tl.int64) * VC + o_c[None, :])  # one int64 offset
@@ -718,8 +711,8 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_i
     """Launch the forward. ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated).
 
     Returns ``(lse, ent, z_target)`` as float32 ``[N]`` tensors. ``z_out``: an FP32 ``[N, V]`` contiguous tensor that
-    receives the logits (after bias and temperature) as they are formed (the fused loss's single pass); with a cap,
-    the raw ``h W^T + b`` instead, from which the cap's slope is formed again. ``softcap > 0``: the logits are
+    receives the logits (after bias, cap and temperature) as they are formed (the fused loss's single pass).
+    ``softcap > 0``: the logits are
     ``softcap * tanh((h W^T + b) / softcap) * inv_temp`` (the ``SOFTCAP`` variant of the kernel; 0 launches the
     uncapped one).
     """

@@ -5,8 +5,7 @@ Per slice of ``C`` loss rows (``rlcore.fused`` picks the slices and differentiat
 
 ``logprobs(h_c, targets)``
     ``_fwd_kernel`` with ``Z_OUT``: the forward of ``linear_logprobs`` (one GEMM, the online log-sum-exp, the
-    entropy) that also stores each FP32 logit tile into a ``[C, V]`` buffer (with a soft cap: the raw tile, before
-    the cap, from which the dz kernel forms the capped logits and the cap's slope). Returns ``(logp, entropy)``.
+    entropy) that also stores each FP32 logit tile into a ``[C, V]`` buffer. Returns ``(logp, entropy)``.
 ``backward(g_logp, g_entropy)``
     ``_dz_from_logits_kernel`` reads the stored logits once and writes ``dz`` (the same formula as the two-pass
     backward's ``_dz_kernel``, with no GEMM); then ``dh_c = dz @ W`` and ``dW += dz^T h_c`` (FP32 accumulator over the
@@ -45,17 +44,14 @@ def _dz_from_logits_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """``dz [C, V]`` from the stored logits ``z [C, V]`` (FP32, after temperature): per row, with ``log p = z - lse``,
-    ``dz = (g_lp ([v == t] - p) - g_ent p (log p + ent)) / T``. With ``SOFTCAP`` the buffer holds the raw
-    ``a = h W^T + b``: ``z`` is formed from it as the forward did (``K._cap_scale``), and ``dz`` carries the cap's
-    slope ``1 - tanh^2``."""
+    ``dz = (g_lp ([v == t] - p) - g_ent p (log p + ent)) / T``; with ``SOFTCAP`` (the stored logits are capped) times
+    the cap's slope ``1 - tanh^2`` (``K._cap_slope``)."""
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     m_n = o_n < C
     m = m_n[:, None] & (o_v[None, :] < V)
     off = o_n[:, None].to(tl.int64) * V + o_v[None, :]
     b_z = tl.load(z_ptr + off, mask=m, other=float("-inf"))
-    if SOFTCAP:
-        b_z, b_slope = K._cap_scale(b_z, o_v < V, softcap, inv_temp, True)
     b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=0.0)
     b_glp = tl.load(glp_ptr + o_n, mask=m_n, other=0.0)
     b_t = tl.load(t_ptr + o_n, mask=m_n, other=-1).to(tl.int64)
@@ -67,8 +63,8 @@ def _dz_from_logits_kernel(
         b_ent = tl.load(ent_ptr + o_n, mask=m_n, other=0.0)
         b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
     b_dz = b_dz * inv_temp
-    if SOFTCAP:
-        b_dz = b_dz * b_slope
+    if SOFTCAP:  # the chain rule through the cap, its slope from the stored (capped) logits
+        b_dz = b_dz * K._cap_slope(b_z, softcap, inv_temp)
     if ROUND_BF16:
         b_dz = K._round_bf16(b_dz)  # the interpreter's store to bf16 truncates; the GPU's rounds to nearest
     tl.store(dz_ptr + off, b_dz.to(dz_ptr.dtype.element_ty), mask=m)
