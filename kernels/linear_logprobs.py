@@ -195,10 +195,10 @@ def _cap_scale(b_a, m_v, softcap, inv_temp, SOFTCAP: tl.constexpr):
 @triton.jit
 def _cap_slope(b_z, softcap, inv_temp):
     """``d cap(a) / d a = 1 - tanh^2(a / softcap)`` from the capped logits ``z = softcap tanh(a / softcap) inv_temp``
-    themselves (``tanh = z / (softcap inv_temp)``; 0 on -inf columns). Formed at the point of use rather than kept
-    from the cap: one ``[BLOCK_N, BLOCK_V]`` tile fewer live, which 128 x 128 tiles need to spill nothing. Exactly 0
-    where the cap saturates (``tanh = +-1`` gives ``z = +-softcap inv_temp``, the very product divided by); near
-    it, the error is a few FP32 ulps of 1 in absolute terms (``z`` is rounded), not relative to the slope."""
+    themselves (``tanh = z / (softcap inv_temp)``), formed at the point of use rather than kept from the cap: one
+    ``[BLOCK_N, BLOCK_V]`` tile fewer live, which 128 x 128 tiles need to spill nothing. Exactly 0 on -inf columns
+    and where the cap saturates (``tanh = +-1`` gives ``|z| = softcap inv_temp``, the very product divided by);
+    elsewhere its error is a few FP32 ulps of 1 in absolute terms (``z`` is rounded), not relative to the slope."""
     b_t = b_z / (softcap * inv_temp)
     return tl.maximum(1.0 - b_t * b_t, 0.0)
 
