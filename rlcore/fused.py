@@ -172,6 +172,9 @@ def fused_policy_loss(
     if others.any() and sharded:
         raise ValueError("teacher and reference heads do not take a sharded student head (process_group, DTensor); "
                          "pass the per-token teacher_logp / teacher_kl / divergence / ref_kl instead")
+    if others.any() and softcap:   # linear_divergence forms the student's logits without a cap
+        raise ValueError("teacher and reference heads do not take a soft-capped student head (softcap=) yet; pass "
+                         "the per-token teacher_logp / teacher_kl / divergence / ref_kl instead")
     inputs.update(_head_inputs(spec, opts, inputs, others, hidden, weight, targets, loss_mask, head, backend))
 
     if process_group is not None:

@@ -156,6 +156,9 @@ def test_bad_softcap():
         rlcore.linear_logprobs(h, w, t, softcap=torch.tensor(2.0))
     with pytest.raises(ValueError, match=r"softcap does not take several targets per position \(targets \[..., K\]\)"):
         rlcore.linear_logprobs(h, w, torch.tensor([[0, 1], [2, 3]]), softcap=2.0)
+    with pytest.raises(ValueError, match="do not take a soft-capped student head"):   # the divergence has no cap
+        rlcore.fused_policy_loss(h[None], w, t[None], torch.ones(1, 2), None, softcap=2.0, loss_type="opd",
+                                 teacher_hidden=h[None], teacher_weight=w, backend="torch")
 
 
 def test_zero_softcap_is_the_uncapped_head():
