@@ -8,7 +8,9 @@ error), and the next step runs anyway. Files (at most 8, all directly in ``OUT_D
     env.json       device, SM count, clocks, memory, versions, commit; the step log (status and seconds per step)
     accuracy.json  rlcore vs float64 at real head shapes (H = 4096 / V = 151936 and H = 3584 / V = 152064): every
                    precision mode and dtype pair, bias, 30% ignored rows, temperature 0.7, logits of std ~3; and the
-                   NaN-padding case (ignored rows whose hidden states hold NaN / inf) with both backward GEMM choices
+                   NaN-padding case (ignored rows whose hidden states hold NaN / inf) with both backward GEMM choices;
+                   the fused GSPO loss (both strategies); on the first shape, the soft-capped head (``softcap=10``,
+                   bf16) and the fused loss with it
     tests.xml      the CUDA test files (JUnit XML), with few hypothesis examples
     bench.csv      the core bench cases (fwd, fwd_bwd, loss_gspo) at N = 4096 and 16384: the GEMM floor, the
                    materialised reference, torch.compile, Liger's fused linear cross-entropy, Cut Cross-Entropy
@@ -185,9 +187,10 @@ def _nan_padding(case, shape, gemm: str) -> dict:
         os.environ.pop("RLCORE_BWD_GEMM", None)
 
 
-def _fused_accuracy(shape, dry: bool) -> list[dict]:
+def _fused_accuracy(shape, dry: bool, softcap: float = 0.0) -> list[dict]:
     """``fused_policy_loss`` (GSPO, bf16 inputs, a quarter of each sequence prompt) on the Triton backend, single
-    and two passes, against the float64 composition: relative error of the loss, normwise errors of dh and dW."""
+    and two passes, against the float64 composition: relative error of the loss, normwise errors of dh and dW.
+    ``softcap``: the head's soft cap (Gemma 2/3), in both and in the reference."""
     import torch
 
     import rlcore
@@ -207,9 +210,9 @@ def _fused_accuracy(shape, dry: bool) -> list[dict]:
     h16, w16 = h.to(torch.bfloat16), w.to(torch.bfloat16)
     with torch.no_grad():
         old = linear_logprobs_reference(h16.double(), w16.double(), t) + 0.1 * torch.randn(B, T, generator=g).to(device)
-    kw = dict(old_logp=old, loss_type="gspo", temperature=0.7)
+    kw = dict(old_logp=old, loss_type="gspo", temperature=0.7, softcap=softcap)
     h64, w64 = h16.double().requires_grad_(), w16.double().requires_grad_()
-    lp = linear_logprobs_reference(h64, w64, t, temperature=0.7)
+    lp = linear_logprobs_reference(h64, w64, t, temperature=0.7, softcap=softcap)
     truth = rlcore.policy_loss(lp, adv.double(), mask, old_logp=old, loss_type="gspo").loss
     truth.backward()
     out = []
@@ -217,10 +220,29 @@ def _fused_accuracy(shape, dry: bool) -> list[dict]:
         hb, wb = h16.clone().requires_grad_(), w16.clone().requires_grad_()
         loss = rlcore.fused_policy_loss(hb, wb, t, adv, mask, backend="triton", strategy=strategy, **kw).loss
         loss.backward()
-        out.append(dict(shape=shape["name"], case="fused_gspo", strategy=strategy, B=B, T=T,
+        out.append(dict(shape=shape["name"], case="fused_gspo" + ("_softcap" if softcap else ""), strategy=strategy,
+                        B=B, T=T,
                         loss_rel=abs(loss.item() - truth.item()) / max(abs(truth.item()), 1e-30),
                         norm_err={"dh": norm_err(hb.grad, h64.grad), "dW": norm_err(wb.grad, w64.grad)}))
     return out
+
+
+_SOFTCAP = 10.0   # tight enough for logits of standard deviation 3 to feel it (Gemma 2 ships 30)
+
+
+def _softcap_accuracy(shape, device) -> dict:
+    """The Triton kernels' soft-capped variant on bf16 inputs, judged by ``rlcore.validate.compare``'s bar against the
+    float64 capped head (values, entropy, dh, dW, db)."""
+    import torch
+
+    from rlcore.validate import compare, make_case
+
+    case = make_case(shape["N"], shape["H"], shape["V"], torch.bfloat16, bias=True, ignore_frac=0.3,
+                     temperature=0.7, logit_scale=3.0, seed=4, device=device, softcap=_SOFTCAP)
+    report = compare(case, "triton", "default")
+    return dict(shape=shape["name"], case="softcap", softcap=_SOFTCAP, hidden="bf16", weight="bf16",
+                precision="default", passed=report.passed, failures=report.failures, rel=report.rel,
+                norm=report.norm, bars=report.bars, worst=report.worst)
 
 
 def step_accuracy(s: Session, until: float) -> dict:
@@ -253,6 +275,9 @@ def step_accuracy(s: Session, until: float) -> dict:
                 results.append(dict(shape=shape["name"], case="nan_padding", **_nan_padding(case, shape, gemm)))
                 _write_json(s.out / "accuracy.json", results)
             results += _fused_accuracy(shape, s.dry)
+            if i == 0:   # the soft-capped kernels (a few more compiles): on the first shape only
+                results.append(_softcap_accuracy(shape, device))
+                results += _fused_accuracy(shape, s.dry, softcap=_SOFTCAP)
             _write_json(s.out / "accuracy.json", results)
     _write_json(s.out / "accuracy.json", results)
     return {"cases": len(results), "failed": failures}
@@ -478,9 +503,11 @@ def summarize(out: Path) -> str:
               f"{sum(a['passed'] for a in judged)} of {len(judged)} mode x shape cases within their bars"]
     for a in judged:
         if not a["passed"]:
-            lines.append(f"- FAILED {a['shape']} {a['hidden']}/{a['weight']} {a['precision']}: {a['failures']}")
-    for a in (a for a in acc if a.get("case") == "fused_gspo"):
-        lines.append(f"- fused GSPO loss, {a['shape']}, {a['strategy']}: loss rel error {a['loss_rel']:.2e}, "
+            lines.append(f"- FAILED {a['shape']} {a.get('case', '')} {a['hidden']}/{a['weight']} {a['precision']}: "
+                         f"{a['failures']}")
+    for a in (a for a in acc if a.get("case", "").startswith("fused_gspo")):
+        cap = " (soft cap)" if a["case"].endswith("softcap") else ""
+        lines.append(f"- fused GSPO loss{cap}, {a['shape']}, {a['strategy']}: loss rel error {a['loss_rel']:.2e}, "
                      f"dh {a['norm_err']['dh']:.2e}, dW {a['norm_err']['dW']:.2e} (normwise, vs float64)")
     for a in (a for a in acc if a.get("case") == "nan_padding"):
         ok = all(a["finite"].values()) and a["dead_dh_zero"]

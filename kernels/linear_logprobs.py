@@ -3,11 +3,17 @@ without ever holding the ``[N, V]`` logits.
 
 Notation (one row ``n``, vocabulary ``v``)::
 
-    z_v   = (h . W_v + b_v) * inv_temp                     logits after temperature
+    a_v   = h . W_v + b_v                                  raw logits
+    z_v   = cap(a_v) * inv_temp                            logits after the cap and the temperature
     lse   = log sum_v exp(z_v)
     p_v   = exp(z_v - lse)
     logp  = z_t - lse                                      t = target id
     ent   = -sum_v p_v log p_v = lse - sum_v p_v z_v
+
+``cap`` is the identity, or with ``softcap = c > 0`` (the ``SOFTCAP`` variant of the forward and dz kernels; Gemma
+2/3) ``cap(a) = c tanh(a / c)`` (``_tanh``: one exp, saturating at logits of 1e4 with no inf or NaN), whose slope
+``cap'(a) = 1 - tanh^2(a / c)`` the dz kernel forms from the capped logits (``_cap_slope``). Without the cap the
+kernels' code is unchanged (``_cap_scale``).
 
 Forward (``_fwd_kernel``): ``cdiv(N, BLOCK_N) x SPLITS`` programs, rasterized in groups (``_grouped_pid``) so that
 programs running together share their rows of ``h`` and tiles of ``W`` in L2. Program ``(i_n, i_s)`` streams the span
@@ -29,7 +35,7 @@ Differentiating the definitions above::
     dlogp/dz_v = [v == t] - p_v
     dent/dz_v  = -p_v (log p_v + ent) = -p_v (z_v - lse + ent)
     dz_v       = g_lp ([v == t] - p_v) - g_ent p_v (z_v - lse + ent)
-    dlogits_v  = dz_v * inv_temp                    (chain rule through the temperature)
+    dlogits_v  = dz_v * inv_temp * cap'(a_v)        (chain rule through the temperature and the cap)
     dh   = dlogits @ W          dW = dlogits.T @ h          db = sum_n dlogits
 
 The vocabulary is walked in slices of ``C`` columns (``C`` ~ max(2 H, 2^24 / N), so a slice's ``dz`` holds about
@@ -162,13 +168,49 @@ def _grouped_pid(i_pid, n_rows, n_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(
+def _tanh(x):
+    """``tanh x`` in FP32 from one exp, accurate in relative terms for every ``x``: ``e = exp(-2 |x|)`` gives
+    ``|tanh x| = (1 - e) / (1 + e)``; below ``|x| = 1/4``, where ``1 - e`` would cancel, the odd Taylor series to
+    ``x^9`` (truncation < 1e-8 relative). ``|x|`` past ~44 underflows ``e`` to 0: ``+-1`` exactly, so logits of 1e4
+    (and a -inf bias) saturate without an inf or a NaN. (Triton's libdevice ``tanh`` would do on a GPU, but the CPU
+    interpreter has none.)"""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    big = (1.0 - e) / (1.0 + e)
+    return tl.where(ax < 0.25, series, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _cap_scale(b_a, m_v, softcap, inv_temp, SOFTCAP: tl.constexpr):
+    """A raw logit tile ``a = h W^T + b [BLOCK_N, BLOCK_V]`` (FP32) -> the logits ``z = cap(a) * inv_temp``, -inf on
+    the columns outside ``m_v``; ``cap(a) = softcap * tanh(a / softcap)`` with ``SOFTCAP`` (Gemma 2/3's soft cap), the
+    identity without (the uncapped kernels' code is then what it was)."""
+    if SOFTCAP:
+        b_a = softcap * _tanh(b_a / softcap)
+    return tl.where(m_v[None, :], b_a * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _cap_slope(b_z, softcap, inv_temp):
+    """``d cap(a) / d a = 1 - tanh^2(a / softcap)`` from the capped logits ``z = softcap tanh(a / softcap) inv_temp``
+    themselves (``tanh = z / (softcap inv_temp)``), formed at the point of use rather than kept from the cap: one
+    ``[BLOCK_N, BLOCK_V]`` tile fewer live, which 128 x 128 tiles need to spill nothing. Exactly 0 on -inf columns
+    and where the cap saturates (``tanh = +-1`` gives ``|z| = softcap inv_temp``, the very product divided by);
+    elsewhere its error is a few FP32 ulps of 1 in absolute terms (``z`` is rounded), not relative to the slope."""
+    b_t = b_z / (softcap * inv_temp)
+    return tl.maximum(1.0 - b_t * b_t, 0.0)
+
+
+@triton.jit
+def _head_tile(
     h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
-    stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+    stride_hn, stride_hh, stride_wv, stride_wh,
     HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """``z[BLOCK_N, BLOCK_V] = (h[o_n] @ W[o_v].T + b[o_v]) * inv_temp`` in FP32; columns outside ``m_v`` are -inf."""
+    """The raw logit tile ``a[BLOCK_N, BLOCK_V] = h[o_n] @ W[o_v].T + b[o_v]`` in FP32 (0 on masked columns)."""
     o_h = tl.arange(0, BLOCK_H)
     p_h = h_ptr + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh  # [BLOCK_N, BLOCK_H]
     p_w = w_ptr + o_v[None, :].to(tl.int64) * stride_wv + o_h[:, None] * stride_wh  # [BLOCK_H, BLOCK_V]
@@ -186,8 +228,20 @@ def _logits_tile(
     if HAS_BIAS:
         b_b = tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_z += b_b[None, :]
-    b_z = b_z * inv_temp
-    return tl.where(m_v[None, :], b_z, float("-inf"))
+    return b_z
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
+    stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+    HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``z[BLOCK_N, BLOCK_V] = (h[o_n] @ W[o_v].T + b[o_v]) * inv_temp`` in FP32; columns outside ``m_v`` are -inf."""
+    b_a = _head_tile(h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H, stride_hn, stride_hh, stride_wv, stride_wh,
+                     HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    return _cap_scale(b_a, m_v, 1.0, inv_temp, False)
 
 
 @triton.jit
@@ -214,8 +268,8 @@ def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, z_ptr,
     N, V, H, SPAN, SPLITS,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, Z_OUT: tl.constexpr,
+    inv_temp, ignore_index, softcap,
+    HAS_BIAS: tl.constexpr, Z_OUT: tl.constexpr, SOFTCAP: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -258,15 +312,18 @@ def _fwd_kernel(
             b_w = b_w.to(tl.float32)
         b_acc = _dot(b_h, b_w, b_acc, DOT_PRECISION, UPCAST)
         if h0 + BLOCK_H >= H:  # the tile's last slice: fold its logits into the running state, start the next tile
-            b_z = b_acc
+            b_raw = b_acc   # h W^T + b (not b_a: that is the running entropy numerator)
             if HAS_BIAS:
-                b_z += tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-            b_z = tl.where(m_v[None, :], b_z * inv_temp, float("-inf"))
+                b_raw += tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+            b_z = _cap_scale(b_raw, m_v, softcap, inv_temp, SOFTCAP)
+            if Z_OUT and SOFTCAP:   # stored at once: fewer values live through the update (no spills)
+                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]
+                tl.store(p_z, b_z, mask=m_n[:, None] & m_v[None, :])
             b_zt += tl.sum(tl.where(o_v[None, :].to(tl.int64) == b_t[:, None], b_z, 0.0), 1)
             # The entropy numerator costs one FMA per logit next to an H-long dot product: always kept.
             b_m, b_s, b_a = _online_lse_update(b_m, b_s, b_a, b_z)
-            if Z_OUT:  # the single pass of the fused loss keeps the FP32 logits [N, V] of its slice for dz
-                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]
+            if Z_OUT and not SOFTCAP:  # the single pass of the fused loss keeps the FP32 logits [N, V] of its slice
+                p_z = z_ptr + o_n[:, None].to(tl.int64) * V + o_v[None, :]   # for dz (with a cap: above)
                 tl.store(p_z, b_z, mask=m_n[:, None] & m_v[None, :])
             b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
@@ -284,8 +341,8 @@ def _dz_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, live_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
     N, V, H, v_start, VC,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
+    inv_temp, ignore_index, softcap,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -308,11 +365,12 @@ def _dz_kernel(
     if tl.max(m_row.to(tl.int32), 0) > 0:
         b_glp = tl.load(glp_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
         b_lse = tl.load(lse_ptr + o_n, mask=m_row, other=0.0)
-        b_z = _logits_tile(
+        b_a = _head_tile(
             h_ptr, w_ptr, b_ptr, o_n, o_v, m_n, m_v, H,
-            stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+            stride_hn, stride_hh, stride_wv, stride_wh,
             HAS_BIAS, CAST_FP32, DOT_PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H,
         )
+        b_z = _cap_scale(b_a, m_v, softcap, inv_temp, SOFTCAP)
         b_zr = b_z - b_lse[:, None]                        # log p, -inf on masked columns
         b_p = tl.where(m_row[:, None], tl.exp(b_zr), 0.0)  # [BLOCK_N, BLOCK_V]
         b_hit = o_v[None, :].to(tl.int64) == b_t[:, None]
@@ -320,8 +378,13 @@ def _dz_kernel(
         if HAS_GRAD_ENT:
             b_gent = tl.load(gent_ptr + o_n, mask=m_row, other=0.0).to(tl.float32)
             b_ent = tl.load(ent_ptr + o_n, mask=m_row, other=0.0)
-            b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
-        b_dz = b_dz * inv_temp  # d/d(h W^T + b)
+            if SOFTCAP:  # log p + ent from z, which the slope needs below: one tile (z) live, not two (z, log p)
+                b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_z + (b_ent - b_lse)[:, None]), 0.0)
+            else:
+                b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
+        b_dz = b_dz * inv_temp  # d/d(cap(h W^T + b))
+        if SOFTCAP:  # d/d(h W^T + b): the chain rule through the cap (masked: a dead row's NaN stays out)
+            b_dz = tl.where(m_row[:, None], b_dz * _cap_slope(b_z, softcap, inv_temp), 0.0)
     if UPCAST:
         b_dz = _round_bf16(b_dz)  # the interpreter's store to bf16 truncates; the GPU's rounds to nearest
     p_dz = dz_ptr + (o_n[:, None].to(tl.int64) * VC + o_c[None, :])  # one int64 offset
@@ -644,11 +707,14 @@ def merge_partials(part: torch.Tensor):
 
 
 def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_index: int, mode: KernelMode,
-                        z_out=None):
+                        z_out=None, softcap: float = 0.0):
     """Launch the forward. ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` (validated).
 
     Returns ``(lse, ent, z_target)`` as float32 ``[N]`` tensors. ``z_out``: an FP32 ``[N, V]`` contiguous tensor that
-    receives the logits (after bias and temperature) as they are formed (the fused loss's single pass).
+    receives the logits (after bias, cap and temperature) as they are formed (the fused loss's single pass).
+    ``softcap > 0``: the logits are
+    ``softcap * tanh((h W^T + b) / softcap) * inv_temp`` (the ``SOFTCAP`` variant of the kernel; 0 launches the
+    uncapped one).
     """
     targets = targets.contiguous()                      # the kernels index targets and bias with unit stride
     bias = bias.contiguous() if bias is not None else None
@@ -664,8 +730,8 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temp: float, ignore_i
             hidden, weight, bias if bias is not None else hidden, targets, part, z_out if z_out is not None else part,
             N, V, H, span, splits,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            inv_temp, ignore_index,
-            HAS_BIAS=bias is not None, Z_OUT=z_out is not None,
+            inv_temp, ignore_index, float(softcap) if softcap > 0 else 1.0,
+            HAS_BIAS=bias is not None, Z_OUT=z_out is not None, SOFTCAP=softcap > 0,
             CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
         )
@@ -773,14 +839,16 @@ def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mode: Kerne
 
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent,
                         inv_temp: float, ignore_index: int, mode: KernelMode,
-                        compute_dh: bool = True, compute_dw: bool = True, compute_db: bool = True):
+                        compute_dh: bool = True, compute_dw: bool = True, compute_db: bool = True,
+                        softcap: float = 0.0):
     """Launch the backward, one vocabulary slice at a time. Returns ``(dh [N, H] FP32 | None, dW [V, H] in the
     weight's dtype | None, db [V] FP32 | None)``.
 
     Per slice ``[v0, v0 + C)``: ``_dz_kernel`` writes ``dz [N, C]`` (in the GEMM dtype: the inputs' half dtype, or
     FP32), then ``dW[v0:v0+C] = dz^T @ h`` (complete over all rows, written once in the weight's dtype, no FP32
     ``[V, H]`` buffer), ``dh += dz @ W[v0:v0+C]`` into an FP32 buffer and ``db[v0:v0+C] = dz.sum(0)``.
-    No atomics anywhere, so the result is deterministic. ``compute_*`` False skip that gradient.
+    No atomics anywhere, so the result is deterministic. ``compute_*`` False skip that gradient; ``softcap`` as in
+    the forward (``dz`` then carries the cap's slope ``1 - tanh^2``).
 
     Rows without gradient (``live_rows``) contribute exactly nothing, NaN or inf in their hidden state included, and
     their blocks are skipped: with Triton GEMMs by masks and a device-side list of live row blocks (no host sync);
@@ -798,18 +866,18 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
         pick = lambda x: x[rows] if x is not None else None  # noqa: E731
         dh, dw, db = _bwd_slices(pick(grad_logp), pick(grad_ent), pick(hidden), weight, bias, pick(targets),
                                  pick(lse), pick(ent), torch.ones_like(rows, dtype=torch.int8), inv_temp,
-                                 ignore_index, mode, gemm, compute_dh, compute_dw, compute_db)
+                                 ignore_index, mode, gemm, compute_dh, compute_dw, compute_db, softcap)
         if dh is not None:
             full = torch.zeros((N, H), device=hidden.device, dtype=torch.float32)
             full[rows] = dh
             dh = full
         return dh, dw, db
     return _bwd_slices(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, live.to(torch.int8), inv_temp,
-                       ignore_index, mode, gemm, compute_dh, compute_dw, compute_db)
+                       ignore_index, mode, gemm, compute_dh, compute_dw, compute_db, softcap)
 
 
 def _bwd_slices(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, live, inv_temp, ignore_index, mode,
-                gemm, compute_dh, compute_dw, compute_db):
+                gemm, compute_dh, compute_dw, compute_db, softcap=0.0):
     """The slice loop of ``linear_logprobs_bwd``; ``live [N] int8`` marks the rows that carry gradient."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -827,8 +895,8 @@ def _bwd_slices(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, li
             grad_logp, grad_ent if grad_ent is not None else grad_logp, dz,
             N, V, H, v0, c,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            inv_temp, ignore_index,
-            HAS_BIAS=bias is not None, HAS_GRAD_ENT=grad_ent is not None,
+            inv_temp, ignore_index, float(softcap) if softcap > 0 else 1.0,
+            HAS_BIAS=bias is not None, HAS_GRAD_ENT=grad_ent is not None, SOFTCAP=softcap > 0,
             CAST_FP32=mode.cast_fp32, DOT_PRECISION=mode.dot_precision, UPCAST=_upcast(mode, hidden.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta(),
         )

@@ -39,11 +39,13 @@ _NO_IGNORE = -(2**31)
 
 @triton.jit
 def _dz_from_logits_kernel(
-    z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, C, V, inv_temp,
-    HAS_GRAD_ENT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, C, V, inv_temp, softcap,
+    HAS_GRAD_ENT: tl.constexpr, SOFTCAP: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """``dz [C, V]`` from the stored logits ``z [C, V]`` (FP32, after temperature): per row, with ``log p = z - lse``,
-    ``dz = (g_lp ([v == t] - p) - g_ent p (log p + ent)) / T``."""
+    ``dz = (g_lp ([v == t] - p) - g_ent p (log p + ent)) / T``; with ``SOFTCAP`` (the stored logits are capped) times
+    the cap's slope ``1 - tanh^2`` (``K._cap_slope``)."""
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     m_n = o_n < C
@@ -61,6 +63,8 @@ def _dz_from_logits_kernel(
         b_ent = tl.load(ent_ptr + o_n, mask=m_n, other=0.0)
         b_dz -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_zr + b_ent[:, None]), 0.0)
     b_dz = b_dz * inv_temp
+    if SOFTCAP:  # the chain rule through the cap, its slope from the stored (capped) logits
+        b_dz = b_dz * K._cap_slope(b_z, softcap, inv_temp)
     if ROUND_BF16:
         b_dz = K._round_bf16(b_dz)  # the interpreter's store to bf16 truncates; the GPU's rounds to nearest
     tl.store(dz_ptr + off, b_dz.to(dz_ptr.dtype.element_ty), mask=m)
@@ -71,14 +75,16 @@ class SliceHead:
     ``dw`` (FP32 ``[V, H]``) and ``db`` (FP32 ``[V]`` or None).
 
     ``weight [V, H]``, ``bias [V] | None``, detached; ``fwd_mode`` / ``bwd_mode``: the ``KernelMode`` of each pass,
-    from ``rlcore.logprobs._kernel_mode`` (so every precision mode means what it means for ``linear_logprobs``).
+    from ``rlcore.logprobs._kernel_mode`` (so every precision mode means what it means for ``linear_logprobs``);
+    ``softcap``: ``linear_logprobs``'s (0: none).
     """
 
-    def __init__(self, weight, bias, inv_temp: float, fwd_mode, bwd_mode):
+    def __init__(self, weight, bias, inv_temp: float, fwd_mode, bwd_mode, softcap: float = 0.0):
         self.weight = weight
         self.bias = bias.contiguous() if bias is not None else None
         self.inv_temp = float(inv_temp)
         self.fwd_mode, self.bwd_mode = fwd_mode, bwd_mode
+        self.softcap = float(softcap)
         V, H = weight.shape
         f32 = dict(device=weight.device, dtype=torch.float32)
         self.dw = torch.zeros((V, H), **f32)
@@ -95,7 +101,7 @@ class SliceHead:
             lse = ent = zt = torch.zeros((0,), device=h_c.device, dtype=torch.float32)
         else:
             lse, ent, zt = K.linear_logprobs_fwd(h_c, self.weight, self.bias, targets, self.inv_temp, _NO_IGNORE,
-                                                 self.fwd_mode, z_out=z)
+                                                 self.fwd_mode, z_out=z, softcap=self.softcap)
         self._state = (h_c, targets, z, lse, ent)
         return zt - lse, ent
 
@@ -117,7 +123,8 @@ class SliceHead:
         bn, bv = (_INTERP_DZ_BLOCK_N, _INTERP_DZ_BLOCK_V) if is_interpreter() else (_DZ_BLOCK_N, _DZ_BLOCK_V)
         _dz_from_logits_kernel[(triton.cdiv(C, bn), triton.cdiv(V, bv))](
             z, targets, lse, ent, g_logp, g_ent if g_ent is not None else g_logp, dz, C, V, self.inv_temp,
-            HAS_GRAD_ENT=g_ent is not None, ROUND_BF16=is_interpreter() and dz_dtype == torch.bfloat16,
+            self.softcap if self.softcap > 0 else 1.0,
+            HAS_GRAD_ENT=g_ent is not None, SOFTCAP=self.softcap > 0, ROUND_BF16=is_interpreter() and dz_dtype == torch.bfloat16,
             BLOCK_N=bn, BLOCK_V=bv, num_warps=_DZ_WARPS,
         )
         del z

@@ -92,8 +92,8 @@ def fused_policy_loss(
     target is ``ignore_index`` are not loss tokens.
 
     The head arguments (``bias``, ``temperature``, ``ignore_index``, ``precision``, ``backend``, ``check_targets``,
-    ``softcap``) are :func:`rlcore.linear_logprobs`'s (a soft-capped head runs the two-pass strategy); every other keyword (``loss_type``, ``old_logp``, ``agg``, ...) is
-    :func:`rlcore.policy_loss`'s. The entropy is computed in the fused pass when ``entropy_coef != 0`` or
+    ``softcap``) are :func:`rlcore.linear_logprobs`'s; every other keyword (``loss_type``, ``old_logp``, ``agg``, ...)
+    is :func:`rlcore.policy_loss`'s. The entropy is computed in the fused pass when ``entropy_coef != 0`` or
     ``compute_entropy=True`` (then it is reported as ``metrics["entropy_mean"]``).
 
     ``strategy``: ``"two_pass"``, ``"single_pass"`` or ``"auto"`` (see the module docstring); ``chunk_budget`` caps
@@ -138,9 +138,7 @@ def fused_policy_loss(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(map(repr, STRATEGIES))}")
     sharded = process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias)
-    backend = _check_softcap(softcap, backend, hidden.device if isinstance(hidden, torch.Tensor) else None, sharded)
-    if softcap > 0 and strategy == "single_pass":
-        raise ValueError("strategy='single_pass' does not take softcap; use strategy='two_pass' or 'auto'")
+    _check_softcap(softcap, sharded)
     if sharded:
         weight, bias = distributed.local_head(weight, bias, process_group)
     resolved_backend = distributed.agreed(process_group, _check_inputs, hidden, weight, targets, bias, temperature,
@@ -174,6 +172,9 @@ def fused_policy_loss(
     if others.any() and sharded:
         raise ValueError("teacher and reference heads do not take a sharded student head (process_group, DTensor); "
                          "pass the per-token teacher_logp / teacher_kl / divergence / ref_kl instead")
+    if others.any() and softcap:   # linear_divergence forms the student's logits without a cap
+        raise ValueError("teacher and reference heads do not take a soft-capped student head (softcap=) yet; pass "
+                         "the per-token teacher_logp / teacher_kl / divergence / ref_kl instead")
     inputs.update(_head_inputs(spec, opts, inputs, others, hidden, weight, targets, loss_mask, head, backend))
 
     if process_group is not None:
@@ -184,7 +185,7 @@ def fused_policy_loss(
     if strategy == "auto":
         strategy = "two_pass"
         # under torch.compile the choice would read the mask (a data-dependent branch): two_pass, which traces
-        if (resolved_backend in ("torch", "triton") and softcap == 0 and _single_pass_refusal(spec, opts) is None
+        if (resolved_backend in ("torch", "triton") and _single_pass_refusal(spec, opts) is None
                 and not compiling() and hidden.device.type != "meta"):
             budget = _budget(resolved_backend, chunk_budget)
             if _longest_unit(loss_mask, cu_seqlens, spec) * weight.shape[0] <= budget:
@@ -478,7 +479,8 @@ def _triton_slice_head(weight, head, inv_temp, h_dtype):
     from .logprobs import _kernel_mode
 
     modes = [_kernel_mode(head["precision"], h_dtype, weight.dtype, kind) for kind in ("fwd", "bwd")]
-    return SliceHead(weight.detach(), None if head["bias"] is None else head["bias"].detach(), inv_temp, *modes)
+    return SliceHead(weight.detach(), None if head["bias"] is None else head["bias"].detach(), inv_temp, *modes,
+                     softcap=head["softcap"])
 
 
 def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, need_entropy, head, budget,
@@ -521,7 +523,7 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
                 ent_c = ent_c if need_entropy else None
             else:
                 h_c = h_flat[t0:t1].index_select(0, idx).to(cdt)              # [C, H]
-                z = chunked._logits(h_c, w, b_, inv_temp)                     # [C, V]
+                z, slope = chunked._capped_logits(h_c, w, b_, inv_temp, head["softcap"])  # [C, V] each
                 lse = torch.logsumexp(z, dim=-1)                              # [C]
                 logp_c = z.gather(1, tgt[:, None]).squeeze(1) - lse           # [C]
                 logq = z.sub_(lse[:, None])                                   # log softmax, in place  [C, V]
@@ -559,11 +561,13 @@ def _single_pass(hidden, weight, targets, advantages, loss_mask, cu_seqlens, nee
                 dz = p.mul_(-g_lp[:, None])
             dz.scatter_add_(1, tgt[:, None], g_lp[:, None])
             dz.mul_(inv_temp)
+            if slope is not None:                                             # chain rule through the cap
+                dz.mul_(slope)
             dh.index_copy_(0, rows, dz @ w)
             dw.addmm_(dz.T, h_c)
             if db is not None:
                 db += dz.sum(0)
-            del z, logq, p, dz
+            del z, logq, p, dz, slope
         if triton_head is not None:
             return total, dh, triton_head.dw, triton_head.db
         return total, dh, dw, db

@@ -105,7 +105,8 @@ def _portable_fwd(backend: str, precision: str, hidden: torch.Tensor, weight: to
     """The forward of a device-generic backend, as ``fn(hidden, weight, bias, targets, inv_temp) -> (lse, ent, zt)``."""
     if backend == "triton":
         mode = _kernel_mode(precision, hidden.dtype, weight.dtype, "fwd")
-        return lambda h, w, b, t, inv_temp: _kernels().linear_logprobs_fwd(h, w, b, t, inv_temp, ignore_index, mode)
+        return lambda h, w, b, t, inv_temp: _kernels().linear_logprobs_fwd(h, w, b, t, inv_temp, ignore_index, mode,
+                                                                           softcap=softcap)
     return lambda h, w, b, t, inv_temp: chunked.linear_logprobs_fwd(h, w, b, t, inv_temp, softcap)
 
 
@@ -172,7 +173,7 @@ def _portable_bwd(backend: str, precision: str, hidden: torch.Tensor, weight: to
 
         def bwd(g_lp, g_ent, h, w, b, t, lse, ent, inv_temp, ignore_index, compute_dh, compute_dw, compute_db):
             return _kernels().linear_logprobs_bwd(g_lp, g_ent, h, w, b, t, lse, ent, inv_temp, ignore_index, mode,
-                                                  compute_dh, compute_dw, compute_db)
+                                                  compute_dh, compute_dw, compute_db, softcap=softcap)
         return bwd
     return _with_softcap(chunked.linear_logprobs_bwd, softcap)
 
@@ -293,23 +294,17 @@ torch.library.register_autograd("rlcore::linear_logprobs_backward", _no_double_b
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _check_softcap(softcap, backend: str, device: torch.device, distributed_: bool) -> str:
-    """Validate ``softcap`` (0: none) and return the backend that computes it (``backend="auto"`` on CUDA: the
-    chunked PyTorch path until the Triton kernels take a cap)."""
+def _check_softcap(softcap, distributed_: bool) -> None:
+    """Validate ``softcap`` (0: none). Every backend takes a cap (the Triton kernels in their ``SOFTCAP`` variant); a
+    sharded head does not yet."""
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a Python float (0 for none), got {type(softcap).__name__}")
     if softcap == 0:   # first: the default traces under torch.compile without a check
-        return backend
+        return
     if not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be finite and >= 0 (0 for none), got {softcap}")
     if distributed_:
         raise ValueError("softcap does not take a process_group or DTensor head yet; gather the head or drop the cap")
-    if backend == "triton":
-        raise ValueError("softcap is not supported on backend='triton' yet; use backend='torch' (chunked PyTorch, "
-                         "any device) or backend='auto'")
-    if backend == "auto" and device is not None and device.type == "cuda":
-        return "torch"
-    return backend
 
 
 def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, precision, backend) -> str:
@@ -475,11 +470,10 @@ def linear_logprobs(
             the backward gives each rank its shard's gradient and the full ``dh``. A DTensor ``weight``/``bias`` is
             accepted with or without a group. See ``rlcore.distributed``.
         softcap: ``c > 0`` caps the logits at ``cap(a) = c * tanh(a / c)`` before the temperature (Gemma 2/3's
-            ``final_logit_softcapping``), with its gradient; ``0`` (default) for none. Chunked PyTorch and compiled
-            C++ backends; ``backend="triton"`` raises ``ValueError`` until its kernels take a cap, and
-            ``backend="auto"`` on CUDA runs the chunked path. With a cap, a ``-inf`` bias entry becomes ``-c``, as
-            in the models' own formula. A multiplicative logit scale ``s`` (Cohere, Granite) needs no option: it is
-            ``temperature=1/s``.
+            ``final_logit_softcapping``), with its gradient, on every backend (the Triton kernels' ``SOFTCAP``
+            variant); ``0`` (default) for none. Not with ``targets [..., K]`` or a sharded head (``ValueError``).
+            With a cap, a ``-inf`` bias entry becomes ``-c``, as in the models' own formula. A multiplicative
+            logit scale ``s`` (Cohere, Granite) needs no option: it is ``temperature=1/s``.
 
     Returns:
         ``logp [...]`` (``[..., K]`` for ``K`` ids per position) float32 (float64 for float64 inputs), or
@@ -494,7 +488,7 @@ def linear_logprobs(
         (torch.Size([4, 7]), torch.Size([4, 7]))
     """
     sharded = process_group is not None or distributed.is_dtensor(weight) or distributed.is_dtensor(bias)
-    backend = _check_softcap(softcap, backend, hidden.device if isinstance(hidden, torch.Tensor) else None, sharded)
+    _check_softcap(softcap, sharded)
     if _is_multi_target(hidden, targets):
         if softcap:
             raise ValueError("softcap does not take several targets per position (targets [..., K]): the K ids' "

@@ -28,8 +28,11 @@ def linear_logprobs_reference(
     return_entropy: bool = False,
     compute_dtype: Optional[torch.dtype] = torch.float64,
     softmax_dtype: torch.dtype = torch.float32,
+    softcap: float = 0.0,
 ):
-    """Materialised log-probs (and entropy) of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+    """Materialised log-probs (and entropy) of ``targets`` under ``softmax(cap(hidden @ weight.T + bias) / temperature)``,
+    ``cap(a) = softcap * tanh(a / softcap)`` for ``softcap > 0`` (in the GEMM's dtype, as the models do), else the
+    identity.
 
     Args:
         hidden: ``[..., H]``.
@@ -43,7 +46,7 @@ def linear_logprobs_reference(
 
     Equivalent to::
 
-        logits = F.linear(hidden, weight, bias).to(softmax_dtype) / temperature      # [..., V]
+        logits = cap(F.linear(hidden, weight, bias)).to(softmax_dtype) / temperature      # [..., V]
         logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
         entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
     """
@@ -52,6 +55,8 @@ def linear_logprobs_reference(
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
     logits = F.linear(h, w, b)                                              # [..., V]
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits.to(torch.promote_types(logits.dtype, softmax_dtype)) / temperature
     logp_all = torch.log_softmax(logits, dim=-1)                            # [..., V]
     valid = targets != ignore_index                                         # [...]

@@ -56,6 +56,7 @@ class Case:
     g_ent: torch.Tensor                  # [...] upstream gradient of entropy
     temperature: float = 1.0
     ignore_index: int = -100
+    softcap: float = 0.0                 # linear_logprobs's softcap= (0: none)
 
     @property
     def leaves(self):
@@ -63,11 +64,12 @@ class Case:
 
 
 def make_case(N, H, V, dtype=torch.float32, *, w_dtype=None, bias=False, ignore_frac=0.0, temperature=1.0,
-              logit_scale=3.0, seed=0, lead=None, device="cpu") -> Case:
+              logit_scale=3.0, seed=0, lead=None, device="cpu", softcap=0.0) -> Case:
     """Random inputs whose logits have standard deviation about ``logit_scale`` (before temperature).
 
     ``hidden`` is ``[N, H]`` (or ``[*lead, H]``) in ``dtype``; ``weight`` and ``bias`` in ``w_dtype`` (default
-    ``dtype``); a fraction ``ignore_frac`` of targets is ``-100``. Generated on the CPU, so identical on any device.
+    ``dtype``); a fraction ``ignore_frac`` of targets is ``-100``; ``softcap``: the head's soft cap (0: none).
+    Generated on the CPU, so identical on any device.
     """
     gen = torch.Generator().manual_seed(seed)
     shape = tuple(lead) if lead is not None else (N,)
@@ -81,7 +83,8 @@ def make_case(N, H, V, dtype=torch.float32, *, w_dtype=None, bias=False, ignore_
     w_dtype = w_dtype or dtype
     leaf = lambda x, dt: x.to(device=device, dtype=dt).requires_grad_()  # noqa: E731
     return Case(leaf(hidden, dtype), leaf(weight, w_dtype), targets.to(device),
-                leaf(b, w_dtype) if b is not None else None, g_logp.to(device), g_ent.to(device), temperature)
+                leaf(b, w_dtype) if b is not None else None, g_logp.to(device), g_ent.to(device), temperature,
+                softcap=softcap)
 
 
 def _with_grads(case: Case, logp, ent, use_logp=True, use_ent=True) -> dict:
@@ -104,6 +107,7 @@ def run_rlcore(case: Case, *, backend="auto", precision="default", use_logp=True
     logp, ent = linear_logprobs(
         case.hidden, case.weight, case.targets, bias=case.bias, temperature=case.temperature,
         ignore_index=case.ignore_index, return_entropy=True, precision=precision, backend=backend,
+        softcap=case.softcap,
     )
     return _with_grads(case, logp, ent, use_logp, use_ent)
 
@@ -118,7 +122,7 @@ def run_reference(case: Case, compute_dtype=torch.float64, use_logp=True, use_en
     weight = case.weight if compute_dtype is not None else case.weight.to(case.hidden.dtype)
     logp, ent = linear_logprobs_reference(
         case.hidden, weight, case.targets, bias=case.bias, temperature=case.temperature,
-        ignore_index=case.ignore_index, return_entropy=True, compute_dtype=compute_dtype,
+        ignore_index=case.ignore_index, return_entropy=True, compute_dtype=compute_dtype, softcap=case.softcap,
     )
     return _with_grads(case, logp, ent, use_logp, use_ent)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -95,7 +96,7 @@ _ARG_TYPES = {
         "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "part_ptr": "*fp32", "z_ptr": "*fp32",
         "N": "i32", "V": "i32", "H": "i32", "SPAN": "i32", "SPLITS": "i32",
         "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32", "inv_temp": "fp32",
-        "ignore_index": "i32",
+        "ignore_index": "i32", "softcap": "fp32",
     },
     "dz": {
         "h_ptr": "*h", "w_ptr": "*w", "b_ptr": "*w", "t_ptr": "*i64", "live_ptr": "*i8", "lse_ptr": "*fp32",
@@ -103,7 +104,7 @@ _ARG_TYPES = {
         "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": "*dz",
         "N": "i32", "V": "i32", "H": "i32", "v_start": "i32", "VC": "i32",
         "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32",
-        "inv_temp": "fp32", "ignore_index": "i32",
+        "inv_temp": "fp32", "ignore_index": "i32", "softcap": "fp32",
     },
     "matmul": {
         "x_ptr": "*x", "y_ptr": "*y", "out_ptr": "*out", "live_ptr": "*i8", "klist_ptr": "*i32",
@@ -159,29 +160,29 @@ _KERNEL_FN.update(segment_sum="_segment_sum_kernel", segment_broadcast="_segment
 # --- the fused loss's single pass (rlcore.kernels.slice_head): dz from the stored FP32 logits, no dot ----------------
 _ARG_TYPES["dz_from_logits"] = {
     "z_ptr": "*fp32", "t_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
-    "gent_ptr": "*fp32", "dz_ptr": "*dz", "C": "i32", "V": "i32", "inv_temp": "fp32",
+    "gent_ptr": "*fp32", "dz_ptr": "*dz", "C": "i32", "V": "i32", "inv_temp": "fp32", "softcap": "fp32",
 }
 _INT64_CHECKS["dz_from_logits"] = {"z": ("z_ptr", "V"), "dz": ("dz_ptr", "V")}
 _KERNEL_FN["dz_from_logits"] = "_dz_from_logits_kernel"
 
 
 def _slice_head_jobs(archs) -> list[dict]:
-    """The elementwise dz kernel of the single pass: dz in bf16, fp16 or FP32, with and without the entropy term."""
+    """The elementwise dz kernel of the single pass: dz in bf16, fp16 or FP32, with and without the entropy term,
+    with and without a soft cap."""
     module = _kernels_module("dz_from_logits")
     jobs = []
-    for dz in ("bf16", "fp16", "fp32"):
-        for grad_ent in (False, True):
-            for arch in archs:
-                job = dict(
-                    kernel="dz_from_logits", role="dz_from_logits", table="default", index=0,
-                    config=dict(BLOCK_N=module._DZ_BLOCK_N, BLOCK_V=module._DZ_BLOCK_V, num_warps=module._DZ_WARPS,
-                                num_stages=1),
-                    inputs=(dz, "fp32"), dtypes={"dz": dz}, constexprs={"HAS_GRAD_ENT": grad_ent},
-                    unit_strides=[], mode=None, arch=arch,
-                    ints=dict(C=3500, V=151936),
-                )
-                job["id"] = job_id(job) + ("-ent" if grad_ent else "")
-                jobs.append(job)
+    for dz, grad_ent, softcap, arch in itertools.product(("bf16", "fp16", "fp32"), (False, True), (False, True),
+                                                         archs):
+        job = dict(
+            kernel="dz_from_logits", role="dz_from_logits", table="default", index=0,
+            config=dict(BLOCK_N=module._DZ_BLOCK_N, BLOCK_V=module._DZ_BLOCK_V, num_warps=module._DZ_WARPS,
+                        num_stages=1),
+            inputs=(dz, "fp32"), dtypes={"dz": dz}, constexprs={"HAS_GRAD_ENT": grad_ent, "SOFTCAP": softcap},
+            unit_strides=[], mode=None, arch=arch,
+            ints=dict(C=3500, V=151936),
+        )
+        job["id"] = job_id(job) + ("-ent" if grad_ent else "") + ("-cap" if softcap else "")
+        jobs.append(job)
     return jobs
 
 
@@ -210,7 +211,7 @@ def job_id(job: dict) -> str:
         mode = "-" + (job["mode"]["dot_precision"] if job["mode"]["cast_fp32"] else "native")
     name = job["kernel"] if job["role"] == job["kernel"] else f"{job['kernel']}:{job['role']}"
     blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK_"))
-    flags = "".join(f for f, k in (("b", "HAS_BIAS"), ("e", "HAS_GRAD_ENT"), ("z", "Z_OUT"))
+    flags = "".join(f for f, k in (("b", "HAS_BIAS"), ("e", "HAS_GRAD_ENT"), ("z", "Z_OUT"), ("c", "SOFTCAP"))
                     if job["constexprs"].get(k))
     variant = "" if job["kernel"] not in ("fwd", "dz") else f"-v{flags or '0'}"
     shape = f"-{job['shape']}" if "shape" in job else ""
@@ -252,11 +253,14 @@ def launch_ints(kernel: str, role: str, shape: dict, cfg: dict, arch: int) -> di
 
 
 def _variants(kernel: str) -> list[dict]:
-    """The compile-time variants a kernel ships in: bias or not, an entropy gradient or not."""
+    """The compile-time variants a kernel ships in: bias or not, an entropy gradient or not, a soft cap or not. The
+    last is the superset (every flag on: the most live values), which the alternatives and the ragged shape build."""
     if kernel == "fwd":   # Z_OUT: the fused loss's single pass, which keeps the logits
-        return [dict(HAS_BIAS=b, Z_OUT=z) for z in (False, True) for b in (False, True)]
+        return [dict(HAS_BIAS=b, Z_OUT=z, SOFTCAP=c) for c in (False, True) for z in (False, True)
+                for b in (False, True)]
     if kernel == "dz":
-        return [dict(HAS_BIAS=b, HAS_GRAD_ENT=e) for b in (False, True) for e in (False, True)]
+        return [dict(HAS_BIAS=b, HAS_GRAD_ENT=e, SOFTCAP=c) for c in (False, True) for b in (False, True)
+                for e in (False, True)]
     return [{}]
 
 

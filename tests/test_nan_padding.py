@@ -19,10 +19,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 POISON = (float("nan"), float("inf"), float("-inf"))
 
 
-def _poisoned(N, H, V, dtype, bias, seed, zero_grad_rows):
+def _poisoned(N, H, V, dtype, bias, seed, zero_grad_rows, softcap=0.0):
     """A case with 30% ignored rows whose hidden states hold NaN / +-inf, and (optionally) valid rows with a zero
     upstream gradient that hold NaN too. Returns ``(case, clean hidden, dead-row mask)``."""
-    case = make_case(N, H, V, dtype, bias=bias, ignore_frac=0.3, temperature=0.7, seed=seed)
+    case = make_case(N, H, V, dtype, bias=bias, ignore_frac=0.3, temperature=0.7, seed=seed, softcap=softcap)
     gen = torch.Generator().manual_seed(seed + 1)
     dead = (case.targets == case.ignore_index).cpu()
     if zero_grad_rows:
@@ -49,7 +49,8 @@ def _grads(case, backend, mask_rows):
         if x is not None:
             x.grad = None
     logp, ent = linear_logprobs(case.hidden, case.weight, case.targets, bias=case.bias,
-                                temperature=case.temperature, return_entropy=True, backend=backend)
+                                temperature=case.temperature, return_entropy=True, backend=backend,
+                                softcap=case.softcap)
     keep = mask_rows.to(logp.device)
     loss = (torch.where(keep, logp * case.g_logp, 0.0) + torch.where(keep, ent * case.g_ent, 0.0)).sum()
     loss.backward()
@@ -67,7 +68,7 @@ def _reference(case, clean, mask_rows):
     w = case.weight.detach().double().requires_grad_()
     b = case.bias.detach().double().requires_grad_() if case.bias is not None else None
     logp, ent = linear_logprobs_reference(h, w, case.targets, bias=b, temperature=case.temperature,
-                                          return_entropy=True, compute_dtype=torch.float64)
+                                          return_entropy=True, compute_dtype=torch.float64, softcap=case.softcap)
     keep = mask_rows.to(logp.device)
     g_lp, g_ent = case.g_logp.double(), case.g_ent.double()
     (torch.where(keep, logp * g_lp, 0.0) + torch.where(keep, ent * g_ent, 0.0)).sum().backward()
@@ -113,6 +114,14 @@ def test_triton_backward_gemm_choices(monkeypatch, gemm, dtype):
     report = compare(make_case(33, 48, 300, DTYPES[dtype], bias=True, ignore_frac=0.3, temperature=0.7, seed=2),
                      "triton", "default")
     assert report.passed, "; ".join(report.failures)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_softcap_rows_holding_nan_contribute_nothing(backend, dtype):
+    """With a soft cap too: a dead row's NaN reaches neither its capped logits' slope nor any gradient."""
+    case, clean, dead = _poisoned(37, 60, 203, DTYPES[dtype], True, seed=3, zero_grad_rows=True, softcap=2.0)
+    _check(case, clean, dead, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
