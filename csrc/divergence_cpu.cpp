@@ -45,15 +45,17 @@ inline Vec log_add_exp(const Vec& x, const Vec& y) {
 // ---------------------------------------------------------------------------------------------------------------------
 
 // Running per-position sums of the KL(A || B) fold, each with its compensation (true value: x - cx): the max and sum
-// exp of A (ma, sa), of B (mb, sb), and g = sum exp(z_A - m_A) ((z_A - m_A) - (z_B - m_B)).
+// exp of A (ma, sa), of B (mb, sb), g = sum exp(z_A - m_A) ((z_A - m_A) - (z_B - m_B)) (the KL's, free of the
+// rounding of m_A - m_B) and u = sum exp(z_A - m_A) (z_A - z_B) (mu's: the gaps rounded as the backward rounds them,
+// so a near one-hot position whose argmax the heads share gets a gradient of exactly 0, as on the chunked path).
 struct KlSums {
-  float *ma, *sa, *csa, *mb, *sb, *csb, *g, *cg;
+  float *ma, *sa, *csa, *mb, *sb, *csb, *g, *cg, *u, *cu;
   KlSums at(int64_t off) const { return {ma + off, sa + off, csa + off, mb + off, sb + off, csb + off, g + off,
-                                          cg + off}; }
+                                          cg + off, u + off, cu + off}; }
 };
 
-// Fold vocabulary rows [j0, j0 + nb) of both tiles, lanes [c, c + n). New maxima rescale the sums: s' = alpha s and
-// g' = alpha_A (g + (dm_A - dm_B) s_A), dm = m - m' <= 0 (m starts at -FLT_MAX, so dm is finite).
+// Fold vocabulary rows [j0, j0 + nb) of both tiles, lanes [c, c + n). New maxima rescale the sums: s' = alpha s,
+// u' = alpha_A u and g' = alpha_A (g + (dm_A - dm_B) s_A), dm = m - m' <= 0 (m starts at -FLT_MAX: dm is finite).
 inline void kl_fold_block(const Tile& a, const Tile& b, int64_t j0, int64_t nb, int64_t c, int64_t n,
                           const KlSums& r) {
   Vec xa[kDivBlock], xb[kDivBlock];
@@ -71,25 +73,29 @@ inline void kl_fold_block(const Tile& a, const Tile& b, int64_t j0, int64_t nb, 
   const Vec dma = ma - ma_new, dmb = mb - mb_new;
   const Vec alpha_a = clamp_exp_arg(dma).exp(), alpha_b = clamp_exp_arg(dmb).exp();
   Vec sa = load(r.sa + c, n), csa = load(r.csa + c, n), sb = load(r.sb + c, n), csb = load(r.csb + c, n);
-  Vec g = load(r.g + c, n), cg = load(r.cg + c, n);
+  Vec g = load(r.g + c, n), cg = load(r.cg + c, n), u = load(r.u + c, n), cu = load(r.cu + c, n);
   const Vec shift = dma - dmb;
+  u = alpha_a * u;
+  cu = alpha_a * cu;
   g = alpha_a * (g + shift * sa);
   cg = alpha_a * (cg + shift * csa);
   sa = alpha_a * sa;
   csa = alpha_a * csa;
   sb = alpha_b * sb;
   csb = alpha_b * csb;
-  Vec block_sa(0.0f), block_sb(0.0f), block_g(0.0f);
+  Vec block_sa(0.0f), block_sb(0.0f), block_g(0.0f), block_u(0.0f);
   for (int64_t j = 0; j < nb; ++j) {
     const Vec da = xa[j] - ma_new, db = xb[j] - mb_new;
     const Vec ea = da.exp();
     block_sa = block_sa + ea;
     block_sb = block_sb + db.exp();
     block_g = block_g + masked_product(ea, da - db);
+    block_u = block_u + masked_product(ea, xa[j] - xb[j]);
   }
   kahan_add(sa, csa, block_sa);
   kahan_add(sb, csb, block_sb);
   kahan_add(g, cg, block_g);
+  kahan_add(u, cu, block_u);
   store(ma_new, r.ma + c, n);
   store(mb_new, r.mb + c, n);
   store(sa, r.sa + c, n);
@@ -98,6 +104,8 @@ inline void kl_fold_block(const Tile& a, const Tile& b, int64_t j0, int64_t nb, 
   store(csb, r.csb + c, n);
   store(g, r.g + c, n);
   store(cg, r.cg + c, n);
+  store(u, r.u + c, n);
+  store(cu, r.cu + c, n);
 }
 
 // The JSD's second pass, with both log-sum-exps known: c1 += sum p (ls - lm), c2 += sum q (lt - lm), compensated.
@@ -276,11 +284,12 @@ void for_each_tile(const Head& s, const Head& t, int64_t tile_rows, int64_t tile
 std::vector<at::Tensor> kl_pass(const Head& a, const Head& b, float inv_temp, int64_t tile_rows, int64_t tile_vocab,
                                 bool onednn) {
   const int64_t n = a.h.size(0);
-  at::Tensor sums = at::zeros({8, n}, a.h.options().dtype(at::kFloat));
+  at::Tensor sums = at::zeros({10, n}, a.h.options().dtype(at::kFloat));
   sums[0].fill_(std::numeric_limits<float>::lowest());
   sums[3].fill_(std::numeric_limits<float>::lowest());
   float* p = sums.data_ptr<float>();
-  const KlSums base{p, p + n, p + 2 * n, p + 3 * n, p + 4 * n, p + 5 * n, p + 6 * n, p + 7 * n};
+  const KlSums base{p,         p + n,     p + 2 * n, p + 3 * n, p + 4 * n,
+                    p + 5 * n, p + 6 * n, p + 7 * n, p + 8 * n, p + 9 * n};
   for_each_tile(a, b, tile_rows, tile_vocab, [&](int64_t v0, int64_t vt, const at::Tensor& wa, const at::Tensor& wb,
                                                  int64_t r0, int64_t rows) {
     const HeadTile za(a, wa, v0, r0, rows, inv_temp, onednn), zb(b, wb, v0, r0, rows, inv_temp, onednn);
@@ -291,9 +300,9 @@ std::vector<at::Tensor> kl_pass(const Head& a, const Head& b, float inv_temp, in
       });
     });
   });
-  const at::Tensor log_sa = (sums[1] - sums[2]).log(), log_sb = (sums[4] - sums[5]).log();
-  const at::Tensor gap = (sums[6] - sums[7]) / (sums[1] - sums[2]);      // E_A[(z_A - m_A) - (z_B - m_B)]
-  return {sums[0] + log_sa, sums[3] + log_sb, gap - log_sa + log_sb, gap + (sums[0] - sums[3])};
+  const at::Tensor sa = sums[1] - sums[2], log_sa = sa.log(), log_sb = (sums[4] - sums[5]).log();
+  const at::Tensor gap = (sums[6] - sums[7]) / sa;                      // E_A[(z_A - m_A) - (z_B - m_B)]
+  return {sums[0] + log_sa, sums[3] + log_sb, gap - log_sa + log_sb, (sums[8] - sums[9]) / sa};
 }
 
 // (KL(p || m), KL(q || m)) of the JSD, FP32 [n], given both log-sum-exps.
