@@ -42,8 +42,8 @@ import torch
 
 from . import chunked, cpp
 
-__all__ = ["linear_divergence", "linear_divergence_reference", "teacher_topk", "opd_advantages", "KINDS", "BACKENDS", "chunked_divergence_fwd",
-           "chunked_divergence_bwd", "combine"]
+__all__ = ["linear_divergence", "linear_divergence_reference", "teacher_topk", "opd_advantages", "support_divergence",
+           "KINDS", "BACKENDS", "chunked_divergence_fwd", "chunked_divergence_bwd", "combine"]
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
 BACKENDS = ("auto", "triton", "torch", "cpp")
@@ -360,8 +360,37 @@ def _topk_divergence(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temp
     lp = [linear_logprobs(torch.where(rows, h, 0.0), w, ids, bias=b, temperature=temperature, ignore_index=ignore,
                           backend=backend, check_targets=False)                     # masked rows: zeros, not NaN
           for h, w, b in ((hs, ws, bs), (ht, wt, bt))]
-    ls, lt = (x.log_softmax(-1) for x in lp)                                         # renormalised on the support
-    return torch.where(valid, _divergence_from_logprobs(ls, lt, kind, beta), 0.0)
+    return support_divergence(lp[0], lp[1], kind=kind, beta=beta, mask=valid)
+
+
+def support_divergence(logp: torch.Tensor, teacher_logp: torch.Tensor, *, kind: str = "reverse_kl", beta: float = 0.5,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The divergence on a ``K``-id support at each position, ``[..., K] -> [...]``: both distributions renormalised
+    there (``log_softmax`` over the last dimension), then ``kind`` as in :func:`linear_divergence`. This is the
+    definition of ``linear_divergence(top_k=K)``, whose support is the teacher's top-``K`` ids; here the support is
+    whatever the ids behind ``logp`` and ``teacher_logp`` are (a served teacher's top-k ids and log-probs, and the
+    student's log-probs of the same ids from multi-target ``rlcore.linear_logprobs(targets=[..., K])``). The inputs'
+    normalisation does not matter. ``mask`` (``[...]`` bool): False gives 0 and no gradient, even where the inputs
+    hold NaN. Differentiable plain PyTorch in both inputs (detach ``teacher_logp`` for a fixed teacher)."""
+    for name, x in (("logp", logp), ("teacher_logp", teacher_logp)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+            raise TypeError(f"{name} must be a floating-point tensor [..., K], got {type(x).__name__}")
+    if teacher_logp.shape != logp.shape or logp.shape[-1] == 0:
+        raise ValueError(f"teacher_logp must have logp's shape [..., K] = {tuple(logp.shape)} with K >= 1, got "
+                         f"{tuple(teacher_logp.shape)}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1) for kind='jsd', got {beta}")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                             or tuple(mask.shape) != tuple(logp.shape[:-1])):
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(logp.shape[:-1])}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask is not None:
+        logp, teacher_logp = (torch.where(mask[..., None], x, 0.0) for x in (logp, teacher_logp))
+    ls, lt = logp.log_softmax(-1), teacher_logp.log_softmax(-1)                       # renormalised there
+    div = _divergence_from_logprobs(ls, lt, kind, beta)
+    return div if mask is None else torch.where(mask, div, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ CHUNK_BUDGET = 2**25
 TRITON_CHUNK_BUDGET = 2**29
 
 # policy_loss's tensor inputs (everything else in loss_kwargs is a loss option, checked by rlcore.losses.resolve)
-_INPUTS = ("old_logp", "ref_logp", "sampler_logp", "token_weights", "rewards", "baseline")
+_INPUTS = ("old_logp", "ref_logp", "sampler_logp", "token_weights", "rewards", "baseline", "teacher_logp", "teacher_kl",
+           "divergence", "ref_kl")
 
 
 def fused_policy_loss(
@@ -73,6 +74,14 @@ def fused_policy_loss(
     chunk_budget: Optional[int] = None,
     process_group=None,
     softcap: float = 0.0,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    teacher_ids: Optional[torch.Tensor] = None,
+    teacher_topk_logp: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
     **loss_kwargs,
 ) -> PolicyLossOutput:
     """``policy_loss`` on the log-probs of ``targets`` under the head ``weight`` applied to ``hidden``, fused.
@@ -94,6 +103,26 @@ def fused_policy_loss(
     ``process_group``: the vocabulary is sharded over this ``torch.distributed`` group (see
     :func:`rlcore.linear_logprobs`); the loss inputs are the same on every rank, and so is the loss. Runs the
     two-pass strategy (the single pass would need the whole vocabulary's logits of a slice on one rank).
+
+    Distillation and the exact KL (``docs/losses.md`` section 9): the per-token inputs a loss needs from other heads
+    are computed here from those heads, never forming logits, unless given directly (``teacher_logp=`` ...):
+
+    - ``teacher_hidden [..., H_T]``, ``teacher_weight [V, H_T]``, ``teacher_bias [V]``: the teacher head, at the
+      student's positions. ``opd``: ``teacher_logp`` of the targets (``linear_logprobs``) and, for
+      ``opd_baseline="full"`` / ``"topk"``, ``teacher_kl`` (``linear_divergence``, reverse KL, over the vocabulary /
+      the teacher's ``top_k``), detached. ``kd``: ``divergence`` (``linear_divergence`` of ``kd_kind``, ``jsd_beta``,
+      ``top_k``), differentiated in the student head only.
+    - ``teacher_ids [..., K]`` with ``teacher_topk_logp [..., K]``: a served teacher's top-k ids and its log-probs
+      of them (at temperature 1). ``kd`` (and ``opd_baseline="topk"``) then take the support divergence
+      (``rlcore.divergence.support_divergence``) of the student's log-probs of those ids (multi-target
+      ``linear_logprobs``) against ``teacher_topk_logp / temperature``: ``linear_divergence(top_k=K)``'s value
+      when the ids are the teacher's top ``K``.
+    - ``ref_hidden``, ``ref_weight``, ``ref_bias``: the reference head, for ``kl_estimator="exact"`` (``beta != 0``):
+      ``ref_kl = linear_divergence(hidden, weight, ref_hidden, ref_weight)``, the full vocabulary's
+      ``KL(pi || pi_ref)`` with its analytic gradient.
+
+    ``temperature`` divides every head's logits. The teacher and reference heads get no gradient. The single pass
+    does not take a differentiable ``divergence`` or ``ref_kl`` (``kd``, the exact KL); ``auto`` runs two passes.
 
     Returns ``PolicyLossOutput(loss, metrics)``; gradients reach ``hidden``, ``weight`` and ``bias``.
 
@@ -130,6 +159,9 @@ def fused_policy_loss(
     check_inputs = loss_kwargs.pop("check_inputs", True)
     inputs = {k: loss_kwargs.pop(k) for k in _INPUTS if k in loss_kwargs}
     spec, opts = resolve(loss_type, loss_kwargs)                  # every option checked before any logits
+    others = _OtherHeads(teacher_hidden, teacher_weight, teacher_bias, teacher_ids, teacher_topk_logp, ref_hidden,
+                         ref_weight, ref_bias)
+    others.check(hidden, weight, targets)
     need_entropy = bool(compute_entropy) or opts.entropy_coef != 0 or opts.get("top_entropy_quantile") is not None
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(targets.shape)):
         raise ValueError(f"mask must be a tensor shaped like targets {tuple(targets.shape)}, got "
@@ -139,6 +171,10 @@ def fused_policy_loss(
         loss_mask = loss_mask & (mask if mask.dtype == torch.bool else mask != 0)
     head = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, precision=precision,
                 backend=resolved_backend, check_targets=check_targets, process_group=process_group, softcap=softcap)
+    if others.any() and sharded:
+        raise ValueError("teacher and reference heads do not take a sharded student head (process_group, DTensor); "
+                         "pass the per-token teacher_logp / teacher_kl / divergence / ref_kl instead")
+    inputs.update(_head_inputs(spec, opts, inputs, others, hidden, weight, targets, loss_mask, head, backend))
 
     if process_group is not None:
         if strategy == "single_pass":
@@ -165,7 +201,11 @@ def fused_policy_loss(
             raise ValueError(f"strategy='single_pass' does not take {refusal}; use strategy='two_pass'")
 
     if strategy == "two_pass":
-        logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
+        if _reads_logp(spec, opts) or need_entropy:
+            logp, ent = _two_pass_logprobs(hidden, weight, targets, loss_mask, need_entropy, head)
+        else:   # kd: its divergence is the whole loss; no pass over the vocabulary for the targets (not read)
+            logp, ent = torch.zeros(targets.shape, dtype=chunked.compute_dtype(hidden.dtype, weight.dtype),
+                                    device=hidden.device), None
         return policy_loss(logp, advantages, loss_mask, cu_seqlens=cu_seqlens, entropy=ent, loss_type=loss_type,
                            check_inputs=check_inputs, **inputs, **loss_kwargs)
     if check_targets:   # the loss rows only: like the two-pass strategy, no other row's target is ever read
@@ -188,9 +228,20 @@ def _single_pass_refusal(spec, opts) -> Optional[str]:
         return "reject=True (the rejected tokens change the batch-wide counts)"
     if opts.get("top_entropy_quantile") is not None:
         return "top_entropy_quantile (the quantile is over the whole batch's entropies)"
+    if "divergence" in spec.inputs(opts):
+        return f"loss_type={spec.name!r} (its divergence has a gradient of its own, outside the slices' log-probs)"
+    if opts.beta != 0 and opts.kl_estimator == "exact":
+        return "kl_estimator='exact' (ref_kl has a gradient of its own, outside the slices' log-probs)"
     if spec.whole_batch is not None and spec.whole_batch(opts):
         return f"loss_type={spec.name!r} (its terms read the whole batch's log-probs)"
     return None
+
+
+def _reads_logp(spec, opts) -> bool:
+    """Whether the loss reads the log-probs of the targets: every loss but ``kd`` (``LossSpec.reads_logp``), and
+    ``kd`` too when a KL estimator of ``l - l_ref`` or a mismatch correction against ``sg(l)`` is on."""
+    return (spec.reads_logp or (opts.beta != 0 and opts.kl_estimator != "exact")
+            or opts.get("is_mode") is not None)
 
 
 def _longest_unit(loss_mask, cu_seqlens, spec) -> int:
@@ -202,6 +253,144 @@ def _longest_unit(loss_mask, cu_seqlens, spec) -> int:
     if spec.unit == "pair" and counts.numel() % 2 == 0:
         counts = counts.view(-1, 2).sum(-1)
     return int(counts.max()) if counts.numel() else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the teacher's and the reference's per-token inputs, from their heads
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _OtherHeads:
+    """The teacher head, a served teacher's top-k, and the reference head given to ``fused_policy_loss``."""
+
+    def __init__(self, th, tw, tb, ids, tlp, rh, rw, rb):
+        self.teacher, self.served, self.ref = (th, tw, tb), (ids, tlp), (rh, rw, rb)
+
+    def any(self) -> bool:
+        return any(x is not None for x in self.teacher + self.served + self.ref)
+
+    def has(self, which: str) -> bool:
+        return getattr(self, which)[0] is not None
+
+    def check(self, hidden, weight, targets) -> None:
+        from .divergence import _check_head
+
+        for prefix, (h, w, b) in (("teacher_", self.teacher), ("ref_", self.ref)):
+            if (h is None) != (w is None) or (b is not None and h is None):
+                raise ValueError(f"{prefix}hidden and {prefix}weight go together ({prefix}bias only with them)")
+            if h is None:
+                continue
+            _check_head(prefix, h, w, b)
+            if not isinstance(hidden, torch.Tensor) or tuple(h.shape[:-1]) != tuple(hidden.shape[:-1]):
+                raise ValueError(f"{prefix}hidden must have hidden's positions, shape "
+                                 f"{tuple(getattr(hidden, 'shape', ())[:-1])} + [H], got {tuple(h.shape)}")
+            if not isinstance(weight, torch.Tensor) or w.shape[0] != weight.shape[0]:
+                raise ValueError(f"{prefix}weight must have the student's vocabulary, V = "
+                                 f"{getattr(weight, 'shape', (None,))[0]} rows, got {w.shape[0]}")
+        ids, tlp = self.served
+        if (ids is None) != (tlp is None):
+            raise ValueError("teacher_ids and teacher_topk_logp go together (a served teacher's top-k ids and its "
+                             "log-probs of them)")
+        if ids is None:
+            return
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"teacher_ids must be an integer tensor [..., K], got {getattr(ids, 'dtype', type(ids))}")
+        lead = tuple(targets.shape) if isinstance(targets, torch.Tensor) else None
+        if ids.dim() < 1 or tuple(ids.shape[:-1]) != lead or ids.shape[-1] < 1:
+            raise ValueError(f"teacher_ids must be [..., K] with targets' shape {lead} + [K], K >= 1, got "
+                             f"{tuple(ids.shape)}")
+        if not isinstance(tlp, torch.Tensor) or not tlp.is_floating_point() or tlp.shape != ids.shape:
+            raise ValueError(f"teacher_topk_logp must be a floating-point tensor of teacher_ids' shape "
+                             f"{tuple(ids.shape)}, got {tuple(tlp.shape) if isinstance(tlp, torch.Tensor) else tlp}")
+
+
+def _missing(name: str, spec, what: str) -> ValueError:
+    return ValueError(f"{name} is required for loss_type={spec.name!r}: pass {name}= or {what}")
+
+
+class _FromHeads:
+    """Computes the per-token inputs a loss needs from the other heads, at the student's rows and temperature."""
+
+    def __init__(self, spec, opts, others: _OtherHeads, hidden, weight, targets, loss_mask, head, backend):
+        self.spec, self.o, self.others = spec, opts, others
+        self.hidden, self.weight, self.targets, self.loss_mask, self.head = hidden, weight, targets, loss_mask, head
+        self.backend = backend                                  # the one asked for (before the student's resolution)
+
+    def divergence(self, which: str, grad: bool, **kw) -> torch.Tensor:
+        """``linear_divergence`` of the student against the ``which`` head (``"teacher"`` or ``"ref"``)."""
+        from .divergence import linear_divergence
+
+        h, w, b = getattr(self.others, which)
+        hs, ws, bs = self.hidden, self.weight, self.head["bias"]
+        if not grad:
+            hs, ws, bs = hs.detach(), ws.detach(), None if bs is None else bs.detach()
+        backend = "triton" if self.head["backend"] == "triton" else ("auto" if self.backend == "auto" else "torch")
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return linear_divergence(hs, ws, h, w, bias=bs, teacher_bias=b, temperature=self.head["temperature"],
+                                     mask=self.loss_mask, backend=backend, **kw)
+
+    def served(self, kind: str, beta: float) -> torch.Tensor:
+        return _served_divergence(self.hidden, self.weight, self.others, self.loss_mask, self.head, kind, beta)
+
+    def teacher_logp(self) -> torch.Tensor:
+        if not self.others.has("teacher"):
+            raise _missing("teacher_logp", self.spec, "the teacher head (teacher_hidden, teacher_weight)")
+        th, tw, tb = self.others.teacher
+        head = dict(self.head, bias=tb, backend=self.backend, process_group=None, softcap=0.0)
+        with torch.no_grad():
+            return _two_pass_logprobs(th, tw, self.targets, self.loss_mask, False, head)[0]
+
+    def teacher_kl(self) -> torch.Tensor:
+        o, topk = self.o, self.o.opd_baseline == "topk"
+        if self.others.has("teacher") and (not topk or o.top_k is not None):
+            return self.divergence("teacher", False, kind="reverse_kl", top_k=o.top_k if topk else None)
+        if topk and self.others.has("served"):
+            with torch.no_grad():
+                return self.served("reverse_kl", 0.5)
+        what = ("top_k= with the teacher head, or teacher_ids with teacher_topk_logp" if topk
+                else "the teacher head (teacher_hidden, teacher_weight)")
+        raise ValueError(f"teacher_kl is required for loss_type={self.spec.name!r} with opd_baseline="
+                         f"{o.opd_baseline!r}: pass teacher_kl= or {what}")
+
+    def divergence_input(self) -> torch.Tensor:
+        o = self.o
+        if self.others.has("teacher"):
+            return self.divergence("teacher", True, kind=o.kd_kind, beta=o.jsd_beta, top_k=o.top_k)
+        if self.others.has("served"):
+            return self.served(o.kd_kind, o.jsd_beta)
+        raise _missing("divergence", self.spec, "the teacher head (teacher_hidden, teacher_weight), or a served "
+                                                "teacher's teacher_ids with teacher_topk_logp")
+
+    def ref_kl(self) -> torch.Tensor:
+        if not self.others.has("ref"):
+            raise ValueError("ref_kl is required for kl_estimator='exact' with beta != 0: pass ref_kl= or the "
+                             "reference head (ref_hidden, ref_weight)")
+        return self.divergence("ref", True, kind="reverse_kl")
+
+
+def _head_inputs(spec, opts, given, others: _OtherHeads, hidden, weight, targets, loss_mask, head, backend) -> dict:
+    """The per-token inputs of ``spec`` that are not in ``given``, from the other heads (see fused_policy_loss)."""
+    need = set(spec.inputs(opts))
+    if opts.beta != 0 and opts.kl_estimator == "exact":
+        need.add("ref_kl")
+    heads = _FromHeads(spec, opts, others, hidden, weight, targets, loss_mask, head, backend)
+    make = dict(teacher_logp=heads.teacher_logp, teacher_kl=heads.teacher_kl, divergence=heads.divergence_input,
+                ref_kl=heads.ref_kl)
+    return {name: fn() for name, fn in make.items() if name in need and given.get(name) is None}
+
+
+def _served_divergence(hidden, weight, others: _OtherHeads, loss_mask, head, kind: str, beta: float):
+    """``support_divergence`` of the student's log-probs of the served ids against ``teacher_topk_logp / T``."""
+    from .divergence import support_divergence
+
+    ids, tlp = others.served
+    ignore = head["ignore_index"]
+    rows = loss_mask[..., None]
+    lp = linear_logprobs(torch.where(rows, hidden, 0.0), weight, torch.where(rows, ids, ignore), bias=head["bias"],
+                         temperature=head["temperature"], ignore_index=ignore, precision=head["precision"],
+                         backend=head["backend"], check_targets=head["check_targets"])          # [..., K]
+    teacher = torch.where(rows, tlp.detach(), 0.0) / head["temperature"]
+    return support_divergence(lp, teacher.to(lp.dtype), kind=kind, beta=beta, mask=loss_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -43,14 +43,16 @@ import torch
 
 __all__ = [
     "policy_loss_reference", "vstar_reference",
-    "LOSS_TYPES", "CLIPPED", "PPO_FORMS", "REGRESSION", "ZOO", "AGGS", "IS_MODES", "KL_ESTIMATORS",
+    "LOSS_TYPES", "CLIPPED", "PPO_FORMS", "REGRESSION", "ZOO", "DISTILL", "AGGS", "IS_MODES", "KL_ESTIMATORS",
+    "head_inputs_reference", "fused_loss_reference",
 ]
 
 PPO_FORMS = ("ppo", "dapo", "dr_grpo", "gspo", "gspo_token")   # losses written in the min(rho A, clip(rho) A) form
 CLIPPED = PPO_FORMS + ("cispo", "reinforce")                     # the per-token family (docs/losses.md section 1)
 REGRESSION = ("apo", "oapl", "kimi", "rebel")                    # the squared-regression family (section 5)
 ZOO = ("sapo", "vespo", "luspo", "gmpo", "dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov")   # section 8
-LOSS_TYPES = CLIPPED + REGRESSION + ZOO
+DISTILL = ("opd", "kd")                                          # section 9: against a teacher
+LOSS_TYPES = CLIPPED + REGRESSION + ZOO + DISTILL
 # the accepted names are defined once, in rlcore.losses (data, not arithmetic)
 from .losses import AGGS, IS_MODES, KL_ESTIMATORS  # noqa: E402
 
@@ -144,13 +146,19 @@ def policy_loss_reference(
     top_entropy_quantile: Optional[float] = None,
     off_policy_mask: Optional[float] = None,
     kl_is_weighted: bool = False,
+    teacher_logp: Optional[torch.Tensor] = None,
+    teacher_kl: Optional[torch.Tensor] = None,
+    divergence: Optional[torch.Tensor] = None,
+    ref_kl: Optional[torch.Tensor] = None,
+    opd_baseline: str = "none",
     **zoo,
 ):
     """The policy loss, literally, in float64. Same arguments and layouts as ``rlcore.policy_loss``.
 
     Shapes: padded ``logp [B, T]``, ``mask [B, T]`` (or ``None``), per-token inputs ``[B, T]``, ``advantages [B]`` or
     ``[B, T]``; packed ``logp [N]``, ``cu_seqlens [B + 1]``, per-token inputs ``[N]``, ``advantages [B]`` or ``[N]``;
-    ``rewards``, ``baseline [B]``.
+    ``rewards``, ``baseline [B]``. Distillation: ``teacher_logp``, ``teacher_kl`` (constants), ``divergence`` and
+    ``ref_kl`` (with their graphs, for ``kd`` and ``kl_estimator="exact"``), token-shaped.
 
     Returns:
         ``(loss, metrics)``: a 0-d float64 tensor and a dict of detached 0-d float64 tensors.
@@ -175,7 +183,7 @@ def policy_loss_reference(
         raise ValueError(f"unknown agg {agg!r}")
     if is_mode is not None and is_mode not in IS_MODES:
         raise ValueError(f"unknown is_mode {is_mode!r}")
-    if kl_estimator not in KL_ESTIMATORS:
+    if kl_estimator not in KL_ESTIMATORS + ("exact",):
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}")
 
     def f64(x, grad=False):
@@ -190,6 +198,8 @@ def policy_loss_reference(
     lp = f64(logp, grad=True)                                           # l_t
     old, ref, smp = f64(old_logp), f64(ref_logp), f64(sampler_logp)
     H = f64(entropy, grad=True)
+    teacher, t_kl = f64(teacher_logp), f64(teacher_kl)
+    div, r_kl = f64(divergence, grad=True), f64(ref_kl, grad=True)
     tw = f64(token_weights)
     adv = None if advantages is None else advantages.detach().to(torch.float64)
     seq_adv = adv is not None and adv.dim() == 1 and adv.shape[0] == B and (cu_seqlens is None or lp.shape[0] != B)
@@ -271,10 +281,16 @@ def policy_loss_reference(
 
     kl, kl_vals = {}, []
     if beta != 0:
-        if ref is None:
+        if ref is None and kl_estimator != "exact":
             raise ValueError("beta != 0 needs ref_logp")
         for toks in seqs:
             for j in toks:
+                if kl_estimator == "exact":                              # the given KL(pi || pi_ref), its graph
+                    if r_kl is None:
+                        raise ValueError("kl_estimator='exact' needs ref_kl")
+                    kl[j] = torch.clamp(r_kl[j], -10.0, 10.0) if kl_clamp else r_kl[j]
+                    kl_vals.append(_val(kl[j]))
+                    continue
                 D = lp[j] - ref[j]
                 if kl_estimator.endswith("+"):                           # value of the named one, gradient of k2
                     k2 = kl_value(D, "k2")
@@ -401,6 +417,9 @@ def policy_loss_reference(
             metrics["clip_frac_low"] = mean([float(b) for b in low])
             metrics["clip_frac_high"] = mean([float(b) for b in high])
             metrics["approx_kl_old"] = mean(kl_old)
+    elif loss_type in DISTILL:
+        loss = _distill(loss_type, seqs, lp, teacher, t_kl, div, opd_baseline, w, tw, is_mode, beta, kl, aggregate,
+                        metrics, mean, zero)
     elif loss_type in ZOO:
         loss = _zoo(loss_type, seqs, lp, old, w, A_of, zoo, policy_keep(), log_ratio, ppo_form, kl_term, aggregate,
                     seq_count, metrics, mean, zero, tw, is_mode, beta, lo, hi, eps_low, eps_high, ratio_level,
@@ -461,6 +480,151 @@ def policy_loss_reference(
         metrics["kl_ref_mean"] = mean(kl_vals)
     metrics = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Section 9 of docs/losses.md: distillation, one token at a time
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _distill(loss_type, seqs, lp, teacher, t_kl, div, opd_baseline, w, tw, is_mode, beta, kl, aggregate, metrics,
+             mean, zero):
+    """``opd``: ``c_t = -sg(r_t - b_t) l_t``, ``r_t = l_T - l_t``, ``b_t = -KL_t`` (or 0); ``kd``: ``c_t = D_t``."""
+    c, rewards, advs, kls = {}, [], [], []
+    for toks in seqs:
+        for j in toks:
+            if loss_type == "opd":
+                if teacher is None or (opd_baseline != "none" and t_kl is None):
+                    raise ValueError("opd needs teacher_logp (and teacher_kl with a baseline)")
+                r = _val(teacher[j]) - _val(lp[j])                               # a constant: sg
+                b = -_val(t_kl[j]) if opd_baseline != "none" else 0.0
+                c[j] = -(r - b) * lp[j]
+                rewards.append(r)
+                advs.append(r - b)
+                if opd_baseline != "none":
+                    kls.append(_val(t_kl[j]))
+            else:
+                if div is None:
+                    raise ValueError("kd needs divergence")
+                c[j] = div[j]
+                kls.append(_val(div[j]))
+            if tw is not None:
+                c[j] = c[j] * tw[j]
+            if is_mode is not None:
+                c[j] = c[j] * w[j]
+            if beta != 0:
+                c[j] = c[j] + beta * kl[j]
+    if loss_type == "opd":
+        metrics["opd_reward_mean"] = mean(rewards)
+        metrics["opd_advantage_mean"] = mean(advs)
+        if opd_baseline != "none":
+            metrics["teacher_kl_mean"] = mean(kls)
+    else:
+        metrics["divergence_mean"] = mean(kls)
+    return aggregate(c, zero)
+
+
+def _row_divergence(ls, lt, kind, beta):
+    """One row's divergence from float64 log-probs ``ls`` (student), ``lt`` (teacher), summed term by term."""
+    ps, pt = ls.exp(), lt.exp()
+
+    def plogp(p, a, b):                                                  # p (a - b), 0 where p underflows to 0
+        return torch.where(p > 0, p * (a - b), 0.0).sum()
+
+    if kind == "reverse_kl":
+        return plogp(ps, ls, lt)
+    if kind == "forward_kl":
+        return plogp(pt, lt, ls)
+    lm = torch.logsumexp(torch.stack([ls + math.log(beta), lt + math.log(1.0 - beta)]), 0)   # log m
+    return beta * plogp(ps, ls, lm) + (1.0 - beta) * plogp(pt, lt, lm)
+
+
+def head_inputs_reference(hidden, weight, targets, mask, *, bias=None, temperature=1.0, teacher_hidden=None,
+                          teacher_weight=None, teacher_bias=None, teacher_ids=None, teacher_topk_logp=None,
+                          ref_hidden=None, ref_weight=None, ref_bias=None, kind="reverse_kl", beta=0.5, top_k=None):
+    """The per-token inputs of section 9 from materialised float64 logits, one loss position at a time (``[...]``,
+    0 elsewhere): ``teacher_logp`` (the teacher's log-prob of the target), ``teacher_kl_full`` and
+    ``teacher_kl_topk`` (reverse KL over the vocabulary / the support, detached), ``divergence`` (``kind``, over the
+    vocabulary, or over the support when ``top_k`` or ``teacher_ids`` is given; with its graph to the student head)
+    and ``ref_kl`` (reverse KL to the reference head, with its graph). The support is the teacher's ``top_k``
+    largest logits, or the served ``teacher_ids`` with ``teacher_topk_logp / temperature``; both distributions are
+    renormalised on it. Independent of ``rlcore.divergence``: the logits are formed whole and every row's sums are
+    written out."""
+    def logits(h, w, b):
+        z = h.double() @ w.double().T
+        return (z if b is None else z + b.double()) / temperature                  # [..., V]
+
+    lead = tuple(targets.shape)
+    V = weight.shape[0]
+    zs = logits(hidden, weight, bias).reshape(-1, V)
+    flat_mask = mask.reshape(-1).tolist()
+    t_flat = targets.reshape(-1).tolist()
+    rows = [i for i, m in enumerate(flat_mask) if m]
+    out = {}
+
+    def per_row(fn):                                                               # [...] of fn(i), 0 off the mask
+        vals = {i: fn(i) for i in rows}
+        zero = zs[:0].sum()
+        return torch.stack([vals.get(i, zero) for i in range(len(flat_mask))]).reshape(lead) if flat_mask else \
+            zs.new_zeros(lead)
+
+    def support(i, zt):
+        if teacher_ids is not None:
+            ids = teacher_ids.reshape(-1, teacher_ids.shape[-1])[i].long()
+            return ids, teacher_topk_logp.reshape(-1, ids.shape[0])[i].double().detach() / temperature
+        ids = torch.topk(zt[i], top_k).indices
+        return ids, zt[i, ids]
+
+    if teacher_hidden is not None:
+        zt = logits(teacher_hidden, teacher_weight, teacher_bias).reshape(-1, V).detach()
+        out["teacher_logp"] = per_row(lambda i: zt[i, t_flat[i]] - torch.logsumexp(zt[i], 0))
+        out["teacher_kl_full"] = per_row(lambda i: _row_divergence(
+            zs[i].detach().log_softmax(0), zt[i].log_softmax(0), "reverse_kl", beta))
+    else:
+        zt = None
+    if teacher_ids is not None or (top_k is not None and zt is not None):
+        def on_support(i, k, b, grad):
+            ids, lt = support(i, zt)
+            ls = zs[i, ids] if grad else zs[i, ids].detach()
+            return _row_divergence(ls.log_softmax(0), lt.log_softmax(0), k, b)
+        out["teacher_kl_topk"] = per_row(lambda i: on_support(i, "reverse_kl", beta, False))
+        out["divergence"] = per_row(lambda i: on_support(i, kind, beta, True))
+    elif zt is not None:
+        out["divergence"] = per_row(lambda i: _row_divergence(zs[i].log_softmax(0), zt[i].log_softmax(0), kind, beta))
+    if ref_hidden is not None:
+        zr = logits(ref_hidden, ref_weight, ref_bias).reshape(-1, V).detach()
+        out["ref_kl"] = per_row(lambda i: _row_divergence(zs[i].log_softmax(0), zr[i].log_softmax(0), "reverse_kl",
+                                                          beta))
+    return out
+
+
+def fused_loss_reference(hidden, weight, targets, advantages, mask, *, bias=None, temperature=1.0,
+                         cu_seqlens=None, heads=None, **loss_kwargs):
+    """``fused_policy_loss``'s float64 ground truth for section 9: the student's log-probs and entropy from
+    materialised logits, the heads' per-token inputs from :func:`head_inputs_reference` (``heads``: its keyword
+    arguments), then :func:`policy_loss_reference` token by token. Returns ``(loss, metrics)``."""
+    from .reference import linear_logprobs_reference
+
+    heads = dict(heads or {})
+    loss_type = loss_kwargs.get("loss_type", "ppo")
+    lp, ent = linear_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
+                                        return_entropy=True)
+    loss_mask = (targets != -100) & (mask if mask is not None else True)
+    got = head_inputs_reference(hidden, weight, targets, loss_mask, bias=bias, temperature=temperature,
+                                kind=loss_kwargs.get("kd_kind", "reverse_kl"), beta=loss_kwargs.get("jsd_beta", 0.5),
+                                top_k=loss_kwargs.get("top_k"), **heads)
+    inputs = {}
+    if loss_type == "opd":
+        inputs["teacher_logp"] = got["teacher_logp"]
+        base = loss_kwargs.get("opd_baseline", "none")
+        if base != "none":
+            inputs["teacher_kl"] = got["teacher_kl_full" if base == "full" else "teacher_kl_topk"]
+    if loss_type == "kd":
+        inputs["divergence"] = got["divergence"]
+    if "ref_kl" in got:
+        inputs["ref_kl"] = got["ref_kl"]
+    return policy_loss_reference(lp, advantages, loss_mask, cu_seqlens=cu_seqlens, entropy=ent, **inputs,
+                                 **loss_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -307,6 +307,30 @@ def _rebel(b: Batch, o: Opts) -> Terms:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The distillation family
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _opd(b: Batch, o: Opts) -> Terms:
+    """``-sg(r_t - b_t) l_t``, ``r_t = l_T - sg(l_t)``, ``b_t = -teacher_kl`` (vOPD) or 0 (``opd_baseline="none"``)."""
+    reward = b.teacher - b.l_sg                                                     # r_t, detached
+    adv = reward if o.opd_baseline == "none" else reward + b.teacher_kl             # r_t - b_t
+    metrics = dict(opd_reward_mean=b.mmean(reward), opd_advantage_mean=b.mmean(adv))
+    if o.opd_baseline != "none":
+        metrics["teacher_kl_mean"] = b.mmean(b.teacher_kl)
+    return Terms(token=-adv * b.l, metrics=metrics)
+
+
+def _opd_inputs(o: Opts):
+    return () if o.opd_baseline == "none" else ("teacher_kl",)
+
+
+def _kd(b: Batch, o: Opts) -> Terms:
+    """``D_t``: the per-token divergence itself (its gradient is the divergence's own)."""
+    return Terms(token=b.div, metrics=dict(divergence_mean=b.mmean(b.div)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The entries
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -362,6 +386,14 @@ _BUILTIN = (
              batch_constants=_group_baseline("kimi"), anchor="old_logp", peer="Kimi k1.5 (tau = beta2)"),
     LossSpec("rebel", _rebel, family="regression", unit="pair", defaults=dict(eta=1.0),
              needs=("rewards", "old_logp"), batch_constants=_pairs, anchor="old_logp", peer="REBEL, arXiv 2404.16767"),
+    LossSpec("opd", _opd, family="distill", defaults=dict(opd_baseline="none", top_k=None),
+             needs=("teacher_logp",), requires=_opd_inputs,
+             peer="on-policy distillation (Thinking Machines, 2025; TRL's GKD at lmbda=1 samples the same way), with "
+                  "the vOPD baseline b_t = -KL(p_S || p_T)"),
+    LossSpec("kd", _kd, family="distill", defaults=dict(kd_kind="reverse_kl", jsd_beta=0.5, top_k=None),
+             needs=("divergence",), reads_logp=False,
+             peer="TRL 1.16 GKDTrainer.generalized_jsd_loss with beta=b: kd_kind='jsd', jsd_beta=1-b (b=0: "
+                  "'forward_kl', b=1: 'reverse_kl'); GKD, arXiv 2306.13649"),
 )
 for _spec in _BUILTIN:
     register_loss(_spec)

@@ -38,10 +38,12 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
+from .divergence import KINDS as DIVERGENCE_KINDS   # kd's kinds: linear_divergence's
+
 __all__ = [
     "policy_loss", "vstar", "PolicyLossOutput", "LossSpec", "Terms", "Batch", "Option", "LOSSES", "OPTIONS",
-    "register_loss", "prepare", "evaluate", "AGGS", "IS_MODES", "KL_ESTIMATORS", "RATIO_LEVELS",
-    "DEFAULT",
+    "register_loss", "prepare", "evaluate", "AGGS", "IS_MODES", "KL_ESTIMATORS", "KL_EXACT", "RATIO_LEVELS",
+    "OPD_BASELINES", "DIVERGENCE_KINDS", "DEFAULT",
 ]
 
 
@@ -66,9 +68,14 @@ AGGS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 _BASE_KL = ("k1", "k2", "k3", "abs")
 KL_ESTIMATORS = _BASE_KL + tuple(k + "+" for k in _BASE_KL)
+# not an estimator: the per-token KL(pi || pi_ref) over the whole vocabulary, given as ref_kl (rlcore.linear_divergence)
+KL_EXACT = "exact"
+OPD_BASELINES = ("none", "full", "topk")
 RATIO_LEVELS = ("token", "sequence")
 UNITS = ("token", "seq", "pair")
-INPUTS = ("advantages", "old_logp", "ref_logp", "sampler_logp", "entropy", "rewards", "baseline")
+FAMILIES = ("clipped", "regression", "distill")
+INPUTS = ("advantages", "old_logp", "ref_logp", "sampler_logp", "entropy", "rewards", "baseline", "teacher_logp",
+          "teacher_kl", "divergence", "ref_kl")
 
 
 class PolicyLossOutput(NamedTuple):
@@ -179,6 +186,15 @@ def _group_size(name: str, x):
     return x
 
 
+def _top_k(name: str, x):
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {x!r}")
+    return int(x)
+
+
+_open_fraction = _real_where(lambda v: 0 < v < 1, "in (0, 1) (at 0 or 1 the JSD is identically 0)")
+
+
 def _generator(name: str, x):
     if not isinstance(x, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {_describe(x)}")
@@ -201,8 +217,11 @@ OPTIONS: Mapping[str, Option] = MappingProxyType({
                                                       "'seq-mean-token-sum-norm'"),
     "num_tokens": Option(None, _or_none(_count), "global loss-token count for agg='token-mean' (data parallel)"),
     "num_seqs": Option(None, _or_none(_count), "global count of sequences for the sequence means (data parallel)"),
-    "beta": Option(0.0, _real, "weight of the per-token KL to ref_logp"),
-    "kl_estimator": Option("k3", _chooser(KL_ESTIMATORS), "k1, k2, k3, abs; '<name>+': its value, k2's gradient"),
+    "beta": Option(0.0, _real, "weight of the per-token KL to the reference (ref_logp; ref_kl if kl_estimator="
+                               "'exact')"),
+    "kl_estimator": Option("k3", _chooser(KL_ESTIMATORS + (KL_EXACT,)),
+                           "k1, k2, k3, abs; '<name>+': its value, k2's gradient; 'exact': ref_kl, the full "
+                           "vocabulary's KL(pi || pi_ref) (rlcore.linear_divergence) with its analytic gradient"),
     "kl_clamp": Option(False, _flag, "clamp -D to [-20, 20] inside k3's exp and the KL value to [-10, 10]"),
     "entropy_coef": Option(0.0, _real, "loss -= entropy_coef * agg(entropy)"),
     "log_ratio_clamp": Option(20.0, _or_none(_positive), "|l - l_old| (or its sequence mean) clamped before exp"),
@@ -238,12 +257,21 @@ OPTIONS: Mapping[str, Option] = MappingProxyType({
     "beta1": Option(0.5, _positive, "oapl: V*'s temperature"),
     "group_size": Option(None, _or_none(_group_size), "oapl, kimi: samples per prompt (for the group baseline)"),
     "eta": Option(1.0, _real, "rebel: the reward scale"),
+    # the distillation family
+    "opd_baseline": Option("none", _chooser(OPD_BASELINES), "opd: the vOPD control variate b_t = -teacher_kl "
+                                                            "('full' / 'topk': over the vocabulary / its top_k)"),
+    "kd_kind": Option("reverse_kl", _chooser(DIVERGENCE_KINDS), "kd: the divergence fused_policy_loss computes"),
+    "jsd_beta": Option(0.5, _open_fraction, "kd with kd_kind='jsd': the mixture weight beta"),
+    "top_k": Option(None, _or_none(_top_k), "kd, opd_baseline='topk': fused_policy_loss's support, the "
+                                            "teacher's top_k ids (None: kd over the full vocabulary)"),
 })
 
 _COMMON = ("agg", "agg_constant", "num_tokens", "num_seqs", "beta", "kl_estimator", "kl_clamp", "entropy_coef",
            "log_ratio_clamp")
 # every loss of the clipped family takes these (mismatch correction, the policy-term masks, the unbiased KL)
-_CLIPPED = ("is_mode", "is_cap", "is_min", "reject", "top_entropy_quantile", "off_policy_mask", "kl_is_weighted")
+_MISMATCH = ("is_mode", "is_cap", "is_min", "reject")
+_CLIPPED = _MISMATCH + ("top_entropy_quantile", "off_policy_mask", "kl_is_weighted")
+_FAMILY_OPTIONS = {"clipped": _CLIPPED, "regression": (), "distill": _MISMATCH}
 
 
 class Opts(dict):
@@ -286,7 +314,8 @@ class LossSpec:
     """One registry entry.
 
     ``terms(batch, opts) -> Terms`` computes the loss. ``family``: ``"clipped"`` (ratio-based, per token: takes the
-    mismatch-correction and policy-mask options and needs ``advantages``) or ``"regression"``. ``unit``: ``"token"``,
+    mismatch-correction and policy-mask options and needs ``advantages``), ``"regression"`` or ``"distill"`` (per
+    token, against a teacher: takes the mismatch-correction options, no advantages). ``unit``: ``"token"``,
     ``"seq"`` or ``"pair"`` (the units a single-pass slice may not split). ``defaults``: the options this loss takes
     beyond the shared ones, with their defaults, and overrides of shared defaults (``agg``). ``needs``: inputs always
     required (:data:`INPUTS`); ``requires(opts) -> tuple`` adds ones that depend on the options. ``batch_constants(
@@ -294,7 +323,8 @@ class LossSpec:
     ``batch.consts``. ``whole_batch(opts) -> bool``: the terms read batch-wide functions of the current log-probs
     (a covariance, a quantile), so no single pass can split the batch. ``seq_advantages``: advantages must be
     ``[B]``. ``required``: options that may not be ``None``. ``anchor``: regression, which log-probs ``Lam_i`` is measured against. ``peer``: the peer setting it
-    equals.
+    equals. ``reads_logp=False``: the terms never read ``b.l`` (``kd``), so ``fused_policy_loss`` may skip the
+    targets' log-probs.
     """
 
     name: str
@@ -311,11 +341,12 @@ class LossSpec:
     anchor: Optional[str] = None
     peer: str = ""
     doc: str = ""
+    reads_logp: bool = True
 
     @property
     def options(self) -> Tuple[str, ...]:
         """Every option name this loss takes."""
-        extra = _CLIPPED if self.family == "clipped" else ()
+        extra = _FAMILY_OPTIONS[self.family]
         return tuple(dict.fromkeys(_COMMON + extra + tuple(self.defaults)))
 
     def default(self, name: str):
@@ -340,7 +371,7 @@ def register_loss(spec: LossSpec, *, replace_existing: bool = False) -> LossSpec
         raise TypeError(f"register_loss takes a LossSpec, got {_describe(spec)}")
     if spec.name in _REGISTRY and not replace_existing:
         raise ValueError(f"loss_type {spec.name!r} is already registered (pass replace_existing=True to replace it)")
-    _choice("family", spec.family, ("clipped", "regression"))
+    _choice("family", spec.family, FAMILIES)
     _choice("unit", spec.unit, UNITS)
     unknown = [k for k in spec.defaults if k not in OPTIONS]
     if unknown:
@@ -401,7 +432,9 @@ def _check_combinations(spec: LossSpec, o: Opts) -> None:
                                  f"per-{spec.unit} loss")
     if "agg" in o and o.agg in ("constant", "seq-mean-token-sum-norm") and o.agg_constant is None:
         raise ValueError(f"agg={o.agg!r} needs agg_constant (the L of S / (B * L), e.g. the max completion length)")
-    if spec.family == "clipped":
+    if o.get("opd_baseline") not in (None, "topk") and o.top_k is not None:
+        raise ValueError(f"top_k is the support of opd_baseline='topk'; got opd_baseline={o.opd_baseline!r}")
+    if "is_mode" in o:
         if o.is_mode is not None:
             is_min = 1.0 / o.is_cap if o.is_min is None else o.is_min
             if is_min > o.is_cap:
@@ -497,6 +530,17 @@ def _why(name: str, spec: LossSpec, o: Opts) -> str:
         return " for top_entropy_quantile"
     if name == "old_logp":
         return f" for loss_type={spec.name!r} (pass logp.detach() on the first pass over fresh data)"
+    if name == "ref_kl":
+        return (" for kl_estimator='exact' with beta != 0 (the per-token KL(pi || pi_ref) from "
+                "rlcore.linear_divergence(hidden, weight, ref_hidden, ref_weight))")
+    if name == "teacher_kl":
+        return (f" for loss_type={spec.name!r} with opd_baseline={o.get('opd_baseline')!r} (the per-token "
+                f"KL(p_S || p_T) from rlcore.linear_divergence, the vOPD baseline b_t = -teacher_kl)")
+    if name == "teacher_logp":
+        return f" for loss_type={spec.name!r} (the teacher's log-prob of each sampled token)"
+    if name == "divergence":
+        return (f" for loss_type={spec.name!r} (the per-token divergence with its gradient, from "
+                f"rlcore.linear_divergence or rlcore.divergence.support_divergence)")
     return f" for loss_type={spec.name!r}"
 
 
@@ -576,7 +620,8 @@ class Norms:
 
 
 # Per-token and per-sequence fields of a Batch, for slicing.
-_TOKEN_FIELDS = ("valid", "l", "l_sg", "old", "ref", "smp", "H", "tw", "A", "w_is", "is_hit", "is_tokens")
+_TOKEN_FIELDS = ("valid", "l", "l_sg", "old", "ref", "smp", "H", "tw", "A", "w_is", "is_hit", "is_tokens", "teacher",
+                 "teacher_kl", "div", "ref_kl")
 _SEQ_FIELDS = ("n_seq", "nonempty", "rewards", "baseline", "A_seq")
 
 
@@ -591,7 +636,9 @@ class Batch:
     per-sequence ones ``[B]`` when given so; ``valid`` the loss tokens (after ``reject``), ``m`` as float; ``n_seq``
     ``[B]`` loss tokens per sequence, ``nonempty`` ``[B]``, ``n_tok``; ``w_is``/``is_hit``/``is_tokens``: the
     mismatch weights, where they bind, the loss tokens before ``reject``; ``norms``: the batch-wide denominators;
-    ``consts``: the spec's batch constants.
+    ``consts``: the spec's batch constants. Distillation and the exact KL: ``teacher`` the teacher's log-probs of
+    the tokens and ``teacher_kl`` the per-token ``KL(p_S || p_T)`` (both detached), ``div`` the per-token divergence
+    and ``ref_kl`` the per-token ``KL(pi || pi_ref)`` (both with their gradients); 0 at masked positions.
     """
 
     layout: _Layout
@@ -615,6 +662,10 @@ class Batch:
     nonempty: torch.Tensor
     norms: Norms
     consts: Dict[str, torch.Tensor]
+    teacher: Optional[torch.Tensor] = None
+    teacher_kl: Optional[torch.Tensor] = None
+    div: Optional[torch.Tensor] = None
+    ref_kl: Optional[torch.Tensor] = None
 
     # ---- reductions ---------------------------------------------------------------------------------------------
     @property
@@ -704,8 +755,8 @@ class Batch:
 
 
 def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=None, old_logp=None, ref_logp=None,
-            sampler_logp=None, entropy=None, token_weights=None, rewards=None, baseline=None,
-            check_inputs: bool = True) -> Batch:
+            sampler_logp=None, entropy=None, token_weights=None, rewards=None, baseline=None, teacher_logp=None,
+            teacher_kl=None, divergence=None, ref_kl=None, check_inputs: bool = True) -> Batch:
     """Check the tensors and build the :class:`Batch` for ``spec`` with ``opts`` (see :func:`policy_loss` for the
     shapes). Computes the mismatch weights, ``reject``, the counts, the denominators and the batch constants."""
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
@@ -714,7 +765,7 @@ def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=No
     cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     need = set(spec.inputs(opts))
     if opts.beta != 0:
-        need.add("ref_logp")
+        need.add("ref_kl" if opts.kl_estimator == KL_EXACT else "ref_logp")
     if opts.get("is_mode") is not None:
         need.add("sampler_logp")
     if opts.entropy_coef != 0 or opts.get("top_entropy_quantile") is not None:
@@ -725,6 +776,8 @@ def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=No
 
     old_logp, ref_logp = token("old_logp", old_logp), token("ref_logp", ref_logp)
     sampler_logp, entropy = token("sampler_logp", sampler_logp), token("entropy", entropy)
+    teacher_logp, teacher_kl = token("teacher_logp", teacher_logp), token("teacher_kl", teacher_kl)
+    divergence, ref_kl = token("divergence", divergence), token("ref_kl", ref_kl)
     token_weights = _token_tensor("token_weights", token_weights, logp, False)
     valid = _mask(mask, layout, logp)
     rewards = _seq_tensor("rewards", rewards, layout, logp, "rewards" in need, _why("rewards", spec, opts))
@@ -739,6 +792,9 @@ def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=No
 
     def const(x, fill):
         return None if x is None else torch.where(valid, x.detach().to(cdt), fill)
+
+    def live(x):                                                  # a per-token input with its gradient
+        return None if x is None else torch.where(valid, x.to(cdt), 0.0)
 
     old = const(old_logp, l_sg)
     smp = const(sampler_logp, old if old is not None else l_sg)
@@ -767,7 +823,8 @@ def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=No
         A=A, A_seq=A_seq, rewards=None if rewards is None else rewards.detach().to(cdt),
         baseline=None if baseline is None else baseline.detach().to(cdt), w_is=w_is, is_hit=is_hit,
         is_tokens=is_tokens, n_seq=n_seq, nonempty=nonempty,
-        norms=_norms(valid, n_seq, nonempty, layout, cdt, opts, spec), consts={})
+        norms=_norms(valid, n_seq, nonempty, layout, cdt, opts, spec), consts={}, teacher=const(teacher_logp, 0.0),
+        teacher_kl=const(teacher_kl, 0.0), div=live(divergence), ref_kl=live(ref_kl))
     if spec.batch_constants is not None:
         batch = replace(batch, consts=dict(spec.batch_constants(batch, opts)))
     return batch
@@ -833,6 +890,17 @@ def kl_value(D: torch.Tensor, estimator: str, clamp: bool) -> torch.Tensor:
     return value
 
 
+def kl_term(b: Batch, o: Opts) -> torch.Tensor:
+    """The per-token KL to the reference, 0 at masked positions: an estimator of ``D = l - l_ref``, or with
+    ``kl_estimator="exact"`` the given ``ref_kl`` (the full vocabulary's ``KL(pi || pi_ref)``, whose gradient is
+    ``rlcore.linear_divergence``'s analytic one), clamped to ``[-10, 10]`` under ``kl_clamp``."""
+    if o.kl_estimator == KL_EXACT:
+        value = b.ref_kl.clamp(-10.0, 10.0) if o.kl_clamp else b.ref_kl
+    else:
+        value = kl_value(b.l - b.ref, o.kl_estimator, o.kl_clamp)
+    return torch.where(b.valid, value, 0.0)
+
+
 def _policy_masks(b: Batch, o: Opts, metrics: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
     """The tokens whose policy term is kept by ``top_entropy_quantile`` and ``off_policy_mask`` (None: all)."""
     keep = None
@@ -881,7 +949,7 @@ def evaluate(spec: LossSpec, b: Batch, o: Opts) -> PolicyLossOutput:
         if b.w_is is not None and not terms.weighted:
             c = c * b.w_is
     if o.beta != 0:
-        kl = torch.where(b.valid, kl_value(b.l - b.ref, o.kl_estimator, o.kl_clamp), 0.0)
+        kl = kl_term(b, o)
         metrics["kl_ref_mean"] = b.mmean(kl)
         if o.get("kl_is_weighted"):
             if terms.ratio is None:
@@ -936,6 +1004,10 @@ def policy_loss(
     token_weights: Optional[torch.Tensor] = None,
     rewards: Optional[torch.Tensor] = None,
     baseline: Optional[torch.Tensor] = None,
+    teacher_logp: Optional[torch.Tensor] = None,
+    teacher_kl: Optional[torch.Tensor] = None,
+    divergence: Optional[torch.Tensor] = None,
+    ref_kl: Optional[torch.Tensor] = None,
     targets: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     loss_type: str = "ppo",
@@ -959,7 +1031,11 @@ def policy_loss(
     Inputs: ``old_logp`` (the policy that generated the data, or its recompute), ``ref_logp`` (for ``beta``),
     ``sampler_logp`` (the inference engine's, for ``is_mode``), ``entropy`` (for ``entropy_coef`` and
     ``top_entropy_quantile``), ``token_weights`` (a detached weight on each policy term), ``rewards`` and
-    ``baseline`` (the regression family).
+    ``baseline`` (the regression family). Distillation (``docs/losses.md`` section 9), every one shaped like
+    ``logp``: ``teacher_logp`` (the teacher's log-probs of the tokens, for ``opd``), ``teacher_kl`` (the per-token
+    ``KL(p_S || p_T)``, detached: ``opd``'s vOPD baseline), ``divergence`` (``kd``'s per-token divergence, with its
+    gradient), ``ref_kl`` (the per-token ``KL(pi || pi_ref)`` with its gradient, for ``kl_estimator="exact"``);
+    ``rlcore.fused_policy_loss`` computes them from the heads.
 
     ``loss_type``: a key of ``rlcore.LOSSES`` (the table in ``docs/losses.md`` gives each loss's formula, defaults
     and the peer setting it equals). ``options``: the keyword options that loss takes (``rlcore.LOSSES[name].options``;
@@ -986,7 +1062,8 @@ def policy_loss(
         mask = _mask_from_targets(targets, ignore_index, logp, mask)
     batch = prepare(logp, advantages, mask, spec=spec, opts=opts, cu_seqlens=cu_seqlens, old_logp=old_logp,
                     ref_logp=ref_logp, sampler_logp=sampler_logp, entropy=entropy, token_weights=token_weights,
-                    rewards=rewards, baseline=baseline, check_inputs=check_inputs)
+                    rewards=rewards, baseline=baseline, teacher_logp=teacher_logp, teacher_kl=teacher_kl,
+                    divergence=divergence, ref_kl=ref_kl, check_inputs=check_inputs)
     return evaluate(spec, batch, opts)
 
 

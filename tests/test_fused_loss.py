@@ -42,6 +42,8 @@ LOSS_KWARGS = {
 }
 # losses whose terms read batch-wide functions of the log-probs: no single pass (auto runs two passes)
 WHOLE_BATCH = ("clip_cov", "kl_cov")
+# the RL losses; the distillation family (a teacher head) is tested in tests/test_opd_losses.py
+RL_LOSSES = tuple(k for k in rlcore.LOSS_TYPES if rlcore.LOSSES[k].family != "distill")
 
 
 def make_batch(B, T, H, V, *, dtype=torch.float64, packed=False, bias=True, seed=0, ignore=True):
@@ -133,7 +135,7 @@ def assert_close(got, want, rtol, what):
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("strategy", ["two_pass", "single_pass"])
-@pytest.mark.parametrize("loss_type", rlcore.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", RL_LOSSES)
 def test_fused_matches_float64_composition(loss_type, strategy, layout):
     """Every loss, both strategies and layouts, float64 on the PyTorch backend: equal to the ground truth to
     rounding. ``chunk_budget`` of 2 sequences' worth of logits forces several single-pass slices."""
@@ -178,7 +180,7 @@ def test_fused_fp32_and_bf16_single_pass_match_two_pass(dtype):
     T=st.integers(1, 9),
     H=st.sampled_from([1, 8, 19]),
     V=st.integers(1, 40),
-    loss_type=st.sampled_from(rlcore.LOSS_TYPES),
+    loss_type=st.sampled_from(RL_LOSSES),
     packed=st.booleans(),
     temperature=st.sampled_from([1.0, 0.6]),
     budget_seqs=st.integers(1, 4),

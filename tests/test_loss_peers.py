@@ -1,4 +1,4 @@
-"""Parity of the registry's losses with the peers' own code, at the same settings (docs/losses.md section 8).
+"""Parity of the registry's losses with the peers' own code, at the same settings (docs/losses.md sections 8, 9).
 
 verl 0.9.1's policy-loss functions (``verl.trainer.ppo.core_algos``, called through ``get_policy_loss_fn`` with an
 ``ActorConfig`` and ``global_batch_info``) and TRL 1.16.0's static helpers (``GRPOTrainer.get_gamma_weights``,
@@ -189,3 +189,26 @@ def test_trl_chunked_divergence(backend, kind, beta, temperature=0.7):
         outs.append((div.detach(), *torch.autograd.grad((div * up).sum(), (h, w))))
     for name, a, b in zip(("divergence", "d hidden", "d weight"), *outs):
         _close(b, a, f"{kind} {name}", rtol=2e-5)
+
+
+@pytest.mark.parametrize("trl_beta", [0.0, 0.3, 1.0])
+def test_trl_gkd_generalized_jsd_is_kd(trl_beta):
+    """TRL's ``GKDTrainer.generalized_jsd_loss`` (its token mean of the generalized JSD over ``labels != -100``) is
+    ``loss_type="kd"``: at ``beta`` in (0, 1) ``kd_kind="jsd"`` with ``jsd_beta = 1 - beta`` (TRL's beta weights the
+    teacher), at 0 the forward KL, at 1 the reverse KL; values and the student's gradients."""
+    import rlcore
+
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer").GKDTrainer
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 5, 8, 23
+    h = torch.randn(B, T, H, generator=g, dtype=F64, requires_grad=True)
+    w, ht, wt = (torch.randn(*s, generator=g, dtype=F64) for s in ((V, H), (B, T, H), (V, H)))
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    theirs = gkd.generalized_jsd_loss(h @ w.T, ht @ wt.T, labels=labels, beta=trl_beta, temperature=0.7)
+    kind = {0.0: dict(kd_kind="forward_kl"), 1.0: dict(kd_kind="reverse_kl")}.get(
+        trl_beta, dict(kd_kind="jsd", jsd_beta=1.0 - trl_beta))
+    ours = rlcore.fused_policy_loss(h, w, labels, None, None, teacher_hidden=ht, teacher_weight=wt, temperature=0.7,
+                                    loss_type="kd", backend="torch", **kind).loss
+    _close(ours, theirs, "gkd loss", rtol=1e-9)
+    _close(_grad(ours, h), _grad(theirs, h), "gkd grad", rtol=1e-9)
