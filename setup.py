@@ -26,7 +26,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["rlcore", "rlcore.*"]),
-    package_data={"rlcore": ["csrc/*.cpp"]},
+    package_data={"rlcore": ["csrc/*.cpp", "csrc/*.h"]},
     python_requires=">=3.10",
     # On a CPU-only machine install torch first (`pip install torch==2.13.0`): a bare `torch` requirement with no
     # torch installed would pull the CUDA build. With a torch installed, this range installs nothing more.

@@ -28,10 +28,11 @@ Peers, each skipped with the reason when its package is not installed (none is a
     cce            Apple's Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` (Triton, CUDA only), with its
                    default gradient filtering; no entropy, so not in ``fwd_bwd``; loss cases: composed like liger-flce
     liger-jsd      distill only: Liger-Kernel's chunked fused-linear JSD loss with beta=1 (its reverse KL)
+    trl-divergence distill only: TRL 1.16's chunked divergence (``ChunkedDivergenceFunction``) with beta=1 (its
+                   reverse KL); ``tests/test_loss_peers.py`` checks it equals ``rlcore.linear_divergence``
 
-The distill case (two heads) runs gemm-floor, reference, compile, rlcore-torch and rlcore-triton
-(``rlcore.linear_divergence``) and liger-jsd; the other providers say why not. (TRL's chunked divergence is not a
-provider yet: TRL is not installed where this suite was written, so its call could not be checked.)
+The distill case (two heads) runs gemm-floor, reference, compile, rlcore-torch, rlcore-cpp and rlcore-triton
+(``rlcore.linear_divergence``), liger-jsd and trl-divergence; the other providers say why not.
 
 New providers (peers such as Liger or Cut Cross-Entropy) subclass ``LogprobsProvider`` and join ``PROVIDERS``. A
 ``LogprobsProvider`` runs the loss cases as its log-probs composed with ``rlcore.policy_loss`` unless it overrides
@@ -235,8 +236,6 @@ class _Rlcore(LogprobsProvider):
     def not_for(self, case):
         if case.is_divergence and set(self.options) != {"backend"}:
             return "rlcore.linear_divergence takes no precision option"
-        if case.is_divergence and self.options["backend"] == "cpp":
-            return "rlcore.linear_divergence has no compiled CPU backend yet"
         return None
 
     def divergence_fn(self):
@@ -443,8 +442,36 @@ class LigerJSD(Provider):
         return case.call(lambda hs, ws, ht, wt: _first(module(hs, ws, ht, wt, inp.targets)), inp)
 
 
+def trl_divergence(hs, ws, ht, wt, *, kind: str = "reverse_kl", beta: float = 0.5, temperature: float = 1.0):
+    """TRL 1.16's chunked divergence (``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``, what its
+    ``DistillationTrainer`` calls through ``_chunked_divergence_loss``) per token, in rlcore's terms: TRL's
+    ``beta = 1`` is the reverse KL, ``0`` the forward KL, and its JSD of mixture ``(1 - b) p_S + b p_T`` is rlcore's
+    ``jsd`` with ``beta = 1 - b``. No biases; the gradient reaches the student only."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    trl_beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": 1.0 - beta}[kind]
+    div, _entropy = ChunkedDivergenceFunction.apply(hs, ws, None, ht, wt, None, trl_beta, temperature)
+    return div
+
+
+class TRLDivergence(Provider):
+    """TRL 1.16's chunked divergence at ``beta=1`` (its reverse KL), averaged over the tokens: the ``distill`` case's
+    mean. PyTorch on CPU (Triton kernels on CUDA), on ``[4096, 32768]`` tiles of both heads' logits."""
+
+    name = "trl-divergence"
+
+    def unavailable(self, ctx):
+        return _missing("trl.kernels.chunked_divergence", "trl")
+
+    def not_for(self, case):
+        return None if case.is_divergence else "a distillation loss: runs in the distill case only"
+
+    def build(self, case, inp):
+        return case.call(lambda hs, ws, ht, wt: trl_divergence(hs, ws, ht, wt).mean(), inp)
+
+
 # Run order within a group: the floor and the reference first, so every later row's ratios are known when it prints.
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     GemmFloor(), Reference(), Compiled(), RlcoreTorch(), Rlcore1Pass(), RlcoreCpp(), RlcoreTriton(),
-    RlcoreTritonFP32(), LigerFLCE(), LigerGRPO(), CutCrossEntropy(), LigerJSD(),
+    RlcoreTritonFP32(), LigerFLCE(), LigerGRPO(), CutCrossEntropy(), LigerJSD(), TRLDivergence(),
 )}

@@ -1,5 +1,5 @@
-"""The compiled CPU backend of ``linear_logprobs`` (``backend="cpp"``): ``csrc/linear_logprobs_cpu.cpp``, built on
-first use.
+"""The compiled CPU backend of ``linear_logprobs`` and ``linear_divergence`` (``backend="cpp"``): one extension,
+``csrc/linear_logprobs_cpu.cpp`` and ``csrc/divergence_cpu.cpp`` (sharing ``csrc/cpu_tiles.h``), built on first use.
 
 Why compile on first use (``torch.utils.cpp_extension.load``) rather than in ``setup.py``: a build-time extension
 needs torch importable while pip builds the package, which either forces ``--no-build-isolation`` or makes pip fetch
@@ -43,8 +43,8 @@ import torch
 
 from . import chunked
 
-__all__ = ["available", "unavailable_reason", "load", "linear_logprobs_fwd", "linear_logprobs_bwd", "TILE_ROWS",
-           "TILE_VOCAB"]
+__all__ = ["available", "unavailable_reason", "load", "linear_logprobs_fwd", "linear_logprobs_bwd", "divergence_fwd",
+           "divergence_bwd", "TILE_ROWS", "TILE_VOCAB", "DIVERGENCE_TILE_ROWS", "DIVERGENCE_TILE_VOCAB"]
 
 # Tile of the logits one GEMM and its epilogue work on: TILE_VOCAB vocabulary entries x TILE_ROWS positions, 8 MiB in
 # FP32, resident in the 32 MiB L3 of the development machine while its epilogue and (backward) two GEMMs read it.
@@ -52,8 +52,13 @@ __all__ = ["available", "unavailable_reason", "load", "linear_logprobs_fwd", "li
 # the dW GEMM to ~260.
 TILE_ROWS = 2048
 TILE_VOCAB = 1024
+# The divergence holds two such tiles (one per head) while its epilogue reads both: half the vocabulary per tile keeps
+# the pair at 8 MiB.
+DIVERGENCE_TILE_ROWS = 2048
+DIVERGENCE_TILE_VOCAB = 512
 
-_SOURCE = "linear_logprobs_cpu.cpp"
+_SOURCES = ("linear_logprobs_cpu.cpp", "divergence_cpu.cpp")   # compiled, into one module
+_HEADERS = ("cpu_tiles.h",)                                      # staged next to them
 # -ffp-contract=off: the backward recomputes each logit with the forward's exact FP32 operations, so log p of a
 # position's only (or dominant) entry is exactly 0; a multiply-add fused into ((acc + b) / T - lse) would not be.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
@@ -72,14 +77,15 @@ def _staged_sources(build_dir: Path) -> list[str]:
     wheel install of the same version share one cached binary instead of rebuilding each other's (ninja rebuilds
     whenever a source path in its command line changes)."""
     staged = []
-    for name in (_SOURCE,):
+    for name in _SOURCES + _HEADERS:
         text = (Path(__file__).resolve().parent / "csrc" / name).read_bytes()
         dest = build_dir / name
         if not dest.exists() or dest.read_bytes() != text:
             tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
             tmp.write_bytes(text)
             os.replace(tmp, dest)   # atomic: a concurrent build never reads half a file
-        staged.append(str(dest))
+        if name in _SOURCES:
+            staged.append(str(dest))
     return staged
 
 
@@ -237,3 +243,32 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
                                             _onednn(), float(softcap))
     return (dh if compute_dh else None), (dw if compute_dw else None), (db if compute_db and bias is not None
                                                                        else None)
+
+
+_DIVERGENCE_KINDS = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+
+
+def divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, inv_temp: float):
+    """``stats [4, N]`` FP32: the signature of ``rlcore.divergence.chunked_divergence_fwd``. Without the extension,
+    the chunked path computes it."""
+    mod = load()
+    if mod is None:
+        from .divergence import chunked_divergence_fwd
+
+        return chunked_divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind, beta, inv_temp)
+    return mod.divergence_fwd(hs, ws, bs, ht, wt, bt, valid, _DIVERGENCE_KINDS[kind], float(beta), float(inv_temp),
+                              DIVERGENCE_TILE_ROWS, DIVERGENCE_TILE_VOCAB, _onednn())
+
+
+def divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind: str, beta: float, inv_temp: float, needs: tuple):
+    """``(dh_S, dW_S, db_S, dh_T, dW_T, db_T)``, ``None`` where ``needs`` is False or there is no bias: the signature
+    of ``rlcore.divergence.chunked_divergence_bwd``. Without the extension, the chunked path computes them."""
+    mod = load()
+    if mod is None:
+        from .divergence import chunked_divergence_bwd
+
+        return chunked_divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind, beta, inv_temp, needs)
+    grads = mod.divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, _DIVERGENCE_KINDS[kind], float(beta),
+                               float(inv_temp), [bool(n) for n in needs], DIVERGENCE_TILE_ROWS,
+                               DIVERGENCE_TILE_VOCAB, _onednn())
+    return tuple(g if n else None for g, n in zip(grads, needs))

@@ -22,8 +22,9 @@ The KLs' gradients use the ``mu`` form: the normalisers cancel there analyticall
 ``lse_S - lse_T`` rounding (~1e-3 at that size) in the gradient of a position whose distributions are near one-hot.
 
 Layers, bottom up (as in ``rlcore.logprobs``):
-    backends      the chunked PyTorch path below (a block of rows at a time; exact, the reference of the others) and
-                  ``rlcore.kernels.divergence`` (Triton: one online pass over vocabulary tiles of both heads)
+    backends      the chunked PyTorch path below (a block of rows at a time; exact, the reference of the others),
+                  ``rlcore.kernels.divergence`` (Triton: one online pass over vocabulary tiles of both heads) and
+                  ``csrc/divergence_cpu.cpp`` (compiled CPU, through ``rlcore.cpp``: the same pass on oneDNN GEMM tiles)
     torch ops     ``rlcore::linear_divergence`` and ``rlcore::linear_divergence_backward``, with fakes and an
                   autograd formula, so ``torch.compile(fullgraph=True)`` sees one op
     public        ``linear_divergence``: argument checks, ``[..., H]`` flattening, the top-k support
@@ -39,13 +40,13 @@ from typing import Optional
 
 import torch
 
-from . import chunked
+from . import chunked, cpp
 
 __all__ = ["linear_divergence", "linear_divergence_reference", "teacher_topk", "opd_advantages", "support_divergence",
            "KINDS", "BACKENDS", "chunked_divergence_fwd", "chunked_divergence_bwd", "combine"]
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "cpp")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _MIXED = ((torch.bfloat16, torch.float32), (torch.float16, torch.float32))
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -260,6 +261,8 @@ def _linear_divergence_op(
     if backend == "triton":
         stats = _kernels().divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind, beta, 1.0 / temperature,
                                           _modes(hs, ws, ht, wt, "fwd"))
+    elif backend == "cpp":
+        stats = cpp.divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind, beta, 1.0 / temperature)
     else:
         stats = chunked_divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind, beta, 1.0 / temperature)
     return torch.where(valid, combine(stats, kind, beta), 0.0), stats
@@ -289,6 +292,8 @@ def _linear_divergence_backward_op(
     elif backend == "triton":
         grads = _kernels().divergence_bwd(grad.contiguous(), hs, ws, bs, ht, wt, bt, valid, stats, kind, beta,
                                           1.0 / temperature, needs, _modes(hs, ws, ht, wt, "bwd"))
+    elif backend == "cpp":
+        grads = cpp.divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind, beta, 1.0 / temperature, needs)
     else:
         grads = chunked_divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind, beta, 1.0 / temperature,
                                        needs)
@@ -482,7 +487,14 @@ def _check_inputs(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fp64 = torch.float64 in (hidden.dtype, weight.dtype, teacher_hidden.dtype, teacher_weight.dtype)
     if backend == "auto":
-        return "triton" if hidden.device.type == "cuda" and not fp64 else "torch"
+        # CPU: the compiled backend, which runs the chunked path itself where it cannot be built (decided where the op
+        # runs, never while torch.compile traces this function).
+        return "torch" if fp64 else {"cuda": "triton", "cpu": "cpp"}.get(hidden.device.type, "torch")
+    if backend == "cpp":
+        if fp64:
+            raise TypeError("backend='cpp' does not take float64 inputs; use backend='torch' (or 'auto')")
+        if hidden.device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors (got {hidden.device}); use backend='auto' or 'triton'")
     if backend == "triton":
         if fp64:
             raise TypeError("backend='triton' does not take float64 inputs; use backend='torch' (or 'auto')")
@@ -528,7 +540,9 @@ def linear_divergence(
         top_k: restrict both distributions to the teacher's ``top_k`` most probable ids at each position and
             renormalise them there before taking the divergence (``None``: the full vocabulary).
         teacher_grad: also differentiate through the teacher's tensors (by default they are detached).
-        backend: ``"auto"`` (Triton on CUDA, else the chunked PyTorch path), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA; on CPU the compiled ``"cpp"`` backend, or the chunked PyTorch path where
+            it cannot be built; float64: the chunked path), ``"triton"``, ``"torch"`` or ``"cpp"`` (CPU; with
+            ``top_k`` the support's log-probs come from ``linear_logprobs`` on the same backend).
 
     Returns:
         ``div [...]`` float32 (float64 for float64 inputs), differentiable in ``hidden``, ``weight`` and ``bias``.

@@ -1,11 +1,15 @@
 """``rlcore.linear_divergence`` against the float64 materialised reference: values and every gradient (both heads),
-each divergence, full vocabulary and top-k, every backend (the Triton kernels in the interpreter without a GPU).
+each divergence, full vocabulary and top-k, every backend (the Triton kernels in the interpreter without a GPU; the
+compiled CPU backend, skipped with the reason where it cannot be built, also with tiles of a few rows and vocabulary
+entries so that small cases cross every tile boundary).
 
 Bars: FP32 inputs within ``rlcore.validate.FP32_TOL`` (max error / max |reference|); bf16 inputs no worse, normwise,
 than PyTorch's own bf16 computation (``linear_divergence_reference(compute_dtype=None)``: bf16 logits, FP32 softmax,
 bf16 autograd), or twice the rounding of the exact answer to the output dtype, as in ``rlcore.validate.compare``.
 """
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,14 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rlcore
+import rlcore.cpp
 from rlcore.divergence import (_linear_divergence_backward_op, _linear_divergence_op, linear_divergence,
                                linear_divergence_reference)
 from rlcore.memory import peak_memory
 from rlcore.validate import FP32_TOL, norm_err, rel_err
 
-from .helpers import DEVICE
+from .helpers import BACKENDS, DEVICE, needs_cpp
 
-BACKENDS = ["torch", "triton"]
 KINDS = ["reverse_kl", "forward_kl", "jsd"]
 NAMES = ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight", "teacher_bias")
 
@@ -216,11 +220,13 @@ def test_teacher_is_detached_unless_asked():
     assert t["teacher_hidden"].grad is None and t["teacher_weight"].grad is None
 
 
-def test_backends_agree_with_each_other():
-    """The Triton kernels against the chunked path on one shape with every feature on (a tighter comparison than
-    each against float64)."""
-    case = make_case(19, 40, 24, 333, bias=True, mask_frac=0.2, kind="jsd", beta=0.7, temperature=0.9, seed=9)
-    a, b = run_rlcore(case, "torch"), run_rlcore(case, "triton")
+@pytest.mark.parametrize("other", ["triton", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_backends_agree_with_each_other(other, kind):
+    """The Triton kernels and the compiled CPU backend against the chunked path on one shape with every feature on (a
+    tighter comparison than each against float64)."""
+    case = make_case(19, 40, 24, 333, bias=True, mask_frac=0.2, kind=kind, beta=0.7, temperature=0.9, seed=9)
+    a, b = run_rlcore(case, "torch"), run_rlcore(case, other)
     for k in a:
         assert rel_err(b[k], a[k]) < 2e-5, k
 
@@ -312,7 +318,9 @@ def test_torch_compile_fullgraph(backend):
 # ----------------------------------------------------------------------------------------------------------------------
 
 FP32 = 4
-MEMORY_SHAPES = {"torch": (64, 32, 16000, 256, 2048), "triton": (16, 16, 2000, 32, 160)}
+# cpp: its tiles stop growing at DIVERGENCE_TILE_ROWS rows, so it is measured from there.
+MEMORY_SHAPES = {"torch": (64, 32, 16000, 256, 2048), "triton": (16, 16, 2000, 32, 160),
+                 "cpp": (64, 32, 16000, 2048, 4096)}
 
 
 def _peak(backend, N, hs, ht, V):
@@ -382,3 +390,120 @@ def test_vopd_baseline_keeps_the_expectation_and_lowers_the_variance(top_k):
     var_plain, var_vopd = plain.var(0).sum().item(), vopd.var(0).sum().item()
     print(f"top_k={top_k}: estimator variance {var_plain:.4g} without the baseline, {var_vopd:.4g} with it")
     assert var_vopd < var_plain, (var_vopd, var_plain)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The compiled CPU backend (csrc/divergence_cpu.cpp) beyond the shared tests above
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def divergence_tiles(rows, vocab):
+    saved = rlcore.cpp.DIVERGENCE_TILE_ROWS, rlcore.cpp.DIVERGENCE_TILE_VOCAB
+    rlcore.cpp.DIVERGENCE_TILE_ROWS, rlcore.cpp.DIVERGENCE_TILE_VOCAB = rows, vocab
+    try:
+        yield
+    finally:
+        rlcore.cpp.DIVERGENCE_TILE_ROWS, rlcore.cpp.DIVERGENCE_TILE_VOCAB = saved
+
+
+def _cpu_case(*args, **kwargs) -> Case:
+    case = make_case(*args, **kwargs)
+    case.tensors = {k: None if v is None else v.cpu() for k, v in case.tensors.items()}
+    case.mask = None if case.mask is None else case.mask.cpu()
+    case.grad = case.grad.cpu()
+    return case
+
+
+@needs_cpp
+@settings(max_examples=25, deadline=None)
+@given(
+    N=st.integers(1, 40),
+    hs=st.sampled_from([1, 16, 60]),
+    ht=st.sampled_from([8, 60]),
+    V=st.integers(1, 90),
+    tile_rows=st.sampled_from([1, 5, 8, 13]),
+    tile_vocab=st.sampled_from([1, 7, 16, 33]),
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from(["fp32", "bf16", "fp16"]),
+    temperature=st.sampled_from([1.0, 0.6]),
+    bias=st.booleans(),
+    mask_frac=st.sampled_from([0.0, 0.4]),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_small_tiles_match_float64(N, hs, ht, V, tile_rows, tile_vocab, kind, dtype, temperature, bias, mask_frac,
+                                       seed):
+    """Several vocabulary and row tiles, partial vector lane groups, a rescaled running max in later tiles."""
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    case = _cpu_case(N, hs, ht, V, dt, bias=bias, mask_frac=mask_frac, kind=kind, beta=0.3, temperature=temperature,
+                     seed=seed)
+    with divergence_tiles(tile_rows, tile_vocab):
+        check(case, "cpp")
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpp_nan_rows_huge_logits_and_masked_vocabulary_across_tiles(kind):
+    """Masked rows holding NaN in every row tile, logits of ~1e4, and a bias of -inf on some entries (both heads):
+    finite, the masked entries get zero gradient, the rest matches float64."""
+    case = _cpu_case(23, 16, 16, 70, kind=kind, scale=2e3, bias=True, mask_frac=0.3, seed=11)
+    for name in ("bias", "teacher_bias"):
+        case.tensors[name][::9] = float("-inf")
+    poisoned = {k: (torch.where(case.mask[:, None], v, float("nan")) if k.endswith("hidden") else v)
+                for k, v in case.tensors.items()}
+    with divergence_tiles(4, 16):
+        out = run_rlcore(case, "cpp", poisoned)
+    # float64 autograd through -inf gives 0 * NaN on those entries: the reference sees -1e30 there instead (p = 0 too)
+    finite = Case({k: (v.double().clamp(min=-1e30) if k.endswith("bias") else v) for k, v in case.tensors.items()},
+                  case.mask, case.grad, kind)
+    ref = run_reference(finite)
+    zmax = (case.tensors["hidden"] @ case.tensors["weight"].T).abs().max().item()
+    assert zmax > 3e3
+    for k, r in ref.items():
+        assert torch.isfinite(out[k]).all(), k
+        scale = zmax if k == "div" else r.abs().max().item()
+        assert (out[k].double() - r).abs().max().item() <= 1e-6 * scale + 1e-6, k
+    assert (out["div"][~case.mask] == 0).all() and (out["hidden"][~case.mask] == 0).all()
+    assert (out["weight"][::9] == 0).all() and (out["bias"][::9] == 0).all()
+
+
+@needs_cpp
+@pytest.mark.parametrize("gemm", ["onednn", "aten"])
+def test_cpp_both_gemm_routes_and_bitwise_determinism(gemm, monkeypatch):
+    monkeypatch.setenv("RLCORE_CPP_GEMM", gemm)
+    case = _cpu_case(30, 24, 40, 150, bias=True, mask_frac=0.2, kind="jsd", beta=0.6, temperature=0.9, seed=12)
+    with divergence_tiles(8, 32):
+        check(case, "cpp")
+        a, b = run_rlcore(case, "cpp"), run_rlcore(case, "cpp")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@needs_cpp
+def test_cpp_auto_on_cpu_and_chunked_for_float64(monkeypatch):
+    calls = []
+    real = rlcore.cpp.divergence_fwd
+    monkeypatch.setattr(rlcore.cpp, "divergence_fwd", lambda *a: calls.append(a[0].dtype) or real(*a))
+    hs, ws, ht, wt = _args()
+    linear_divergence(hs, ws, ht, wt)
+    linear_divergence(hs.double(), ws.double(), ht.double(), wt.double())
+    assert calls == [torch.float32]
+    with pytest.raises(TypeError, match="float64"):
+        linear_divergence(hs.double(), ws.double(), ht.double(), wt.double(), backend="cpp")
+
+
+def test_cpp_turned_off_runs_the_chunked_path(monkeypatch):
+    """RLCORE_CPP=0 (or a failed build): backend="cpp" gives the chunked path's numbers, no error, no build."""
+    rlcore.cpp._reset()
+    monkeypatch.setenv("RLCORE_CPP", "0")
+    monkeypatch.setattr(rlcore.cpp, "_build", lambda: pytest.fail("RLCORE_CPP=0 must not build"))
+    try:
+        case = _cpu_case(9, 16, 12, 40, bias=True, mask_frac=0.3, kind="jsd", seed=13)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = run_rlcore(case, "cpp")
+        expected = run_rlcore(case, "torch")
+        for k in expected:
+            assert torch.equal(out[k], expected[k]), k
+    finally:
+        rlcore.cpp._reset()

@@ -163,6 +163,34 @@ def test_trl_sequence_level_and_luspo_and_sapo_formulas():
     _close(_grad(ours_s, lp), _grad(sapo, lp), "sapo grad")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# TRL 1.16's chunked divergence (the distill bench's trl-divergence provider) against rlcore.linear_divergence
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("kind, beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
+def test_trl_chunked_divergence(backend, kind, beta, temperature=0.7):
+    """Per-token values and the student's gradients (hidden, head) at the same settings, in FP32, on a student and a
+    teacher of different hidden sizes and a vocabulary that is no multiple of a tile; rlcore's ``beta`` is TRL's
+    ``1 - beta`` (its JSD mixes ``(1 - b) p_S + b p_T``), which the provider's wrapper maps."""
+    pytest.importorskip("trl.kernels.chunked_divergence")
+    import rlcore
+    from bench.providers import trl_divergence
+
+    g = torch.Generator().manual_seed(17)
+    hs, ws = torch.randn(13, 48, generator=g), torch.randn(301, 48, generator=g) / 4
+    ht, wt = torch.randn(13, 60, generator=g), torch.randn(301, 60, generator=g) / 4
+    up = torch.randn(13, generator=g)
+    outs = []
+    for fn in (trl_divergence, lambda *a, **kw: rlcore.linear_divergence(*a, **kw, backend=backend)):
+        h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        div = fn(h, w, ht, wt, kind=kind, beta=beta, temperature=temperature)
+        outs.append((div.detach(), *torch.autograd.grad((div * up).sum(), (h, w))))
+    for name, a, b in zip(("divergence", "d hidden", "d weight"), *outs):
+        _close(b, a, f"{kind} {name}", rtol=2e-5)
+
+
 @pytest.mark.parametrize("trl_beta", [0.0, 0.3, 1.0])
 def test_trl_gkd_generalized_jsd_is_kd(trl_beta):
     """TRL's ``GKDTrainer.generalized_jsd_loss`` (its token mean of the generalized JSD over ``labels != -100``) is

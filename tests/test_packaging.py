@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import rlcore.cpp
+
 from .helpers import cpp_skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +37,7 @@ def test_layout():
     assert (ROOT / "rlcore" / "kernels").is_symlink()
     assert os.readlink(ROOT / "rlcore" / "kernels") == "../kernels"
     assert (ROOT / "rlcore" / "csrc").is_symlink() and os.readlink(ROOT / "rlcore" / "csrc") == "../csrc"
-    assert (ROOT / "rlcore" / "csrc" / "linear_logprobs_cpu.cpp").is_file()
+    assert all((ROOT / "rlcore" / "csrc" / f).is_file() for f in rlcore.cpp._SOURCES + rlcore.cpp._HEADERS)
     for entry in ("csrc", "kernels", "rlcore", "bench", "tests", "setup.py", "README.md"):
         assert (ROOT / entry).exists(), entry
 
@@ -59,7 +61,8 @@ def wheel(tmp_path_factory):
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "rlcore/kernels/linear_logprobs.py" in names and "rlcore/kernels/__init__.py" in names
-    assert "rlcore/csrc/linear_logprobs_cpu.cpp" in names, "the compiled CPU backend builds from the wheel's sources"
+    for src in ("linear_logprobs_cpu.cpp", "divergence_cpu.cpp", "cpu_tiles.h"):
+        assert f"rlcore/csrc/{src}" in names, "the compiled CPU backend builds from the wheel's sources"
     assert not [n for n in names if n.startswith("kernels/")], "no top-level `kernels` package (HF's kernel hub)"
     assert not [n for n in names if n.startswith("tests/") or n.startswith("bench/")]
 
