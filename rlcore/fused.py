@@ -37,7 +37,7 @@ from torch.compiler import is_compiling as compiling
 
 from . import chunked, cpp, distributed
 from .logprobs import _check_inputs, _check_softcap, _check_target_range, linear_logprobs
-from .losses import PolicyLossOutput, _Layout, evaluate, policy_loss, prepare, resolve
+from .losses import PolicyLossOutput, _Layout, evaluate, needed_inputs, policy_loss, prepare, resolve
 
 __all__ = ["fused_policy_loss", "STRATEGIES"]
 
@@ -229,9 +229,10 @@ def _single_pass_refusal(spec, opts) -> Optional[str]:
         return "reject=True (the rejected tokens change the batch-wide counts)"
     if opts.get("top_entropy_quantile") is not None:
         return "top_entropy_quantile (the quantile is over the whole batch's entropies)"
-    if "divergence" in spec.inputs(opts):
+    need = needed_inputs(spec, opts)
+    if "divergence" in need:
         return f"loss_type={spec.name!r} (its divergence has a gradient of its own, outside the slices' log-probs)"
-    if opts.beta != 0 and opts.kl_estimator == "exact":
+    if "ref_kl" in need:
         return "kl_estimator='exact' (ref_kl has a gradient of its own, outside the slices' log-probs)"
     if spec.whole_batch is not None and spec.whole_batch(opts):
         return f"loss_type={spec.name!r} (its terms read the whole batch's log-probs)"
@@ -241,8 +242,7 @@ def _single_pass_refusal(spec, opts) -> Optional[str]:
 def _reads_logp(spec, opts) -> bool:
     """Whether the loss reads the log-probs of the targets: every loss but ``kd`` (``LossSpec.reads_logp``), and
     ``kd`` too when a KL estimator of ``l - l_ref`` or a mismatch correction against ``sg(l)`` is on."""
-    return (spec.reads_logp or (opts.beta != 0 and opts.kl_estimator != "exact")
-            or opts.get("is_mode") is not None)
+    return spec.reads_logp or not needed_inputs(spec, opts).isdisjoint(("ref_logp", "sampler_logp"))
 
 
 def _longest_unit(loss_mask, cu_seqlens, spec) -> int:
@@ -325,7 +325,7 @@ class _FromHeads:
         hs, ws, bs = self.hidden, self.weight, self.head["bias"]
         if not grad:
             hs, ws, bs = hs.detach(), ws.detach(), None if bs is None else bs.detach()
-        backend = "triton" if self.head["backend"] == "triton" else ("auto" if self.backend == "auto" else "torch")
+        backend = "auto" if self.backend == "auto" else self.head["backend"]     # the student's, when one is asked
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return linear_divergence(hs, ws, h, w, bias=bs, teacher_bias=b, temperature=self.head["temperature"],
                                      mask=self.loss_mask, backend=backend, **kw)
@@ -371,9 +371,7 @@ class _FromHeads:
 
 def _head_inputs(spec, opts, given, others: _OtherHeads, hidden, weight, targets, loss_mask, head, backend) -> dict:
     """The per-token inputs of ``spec`` that are not in ``given``, from the other heads (see fused_policy_loss)."""
-    need = set(spec.inputs(opts))
-    if opts.beta != 0 and opts.kl_estimator == "exact":
-        need.add("ref_kl")
+    need = needed_inputs(spec, opts)
     heads = _FromHeads(spec, opts, others, hidden, weight, targets, loss_mask, head, backend)
     make = dict(teacher_logp=heads.teacher_logp, teacher_kl=heads.teacher_kl, divergence=heads.divergence_input,
                 ref_kl=heads.ref_kl)

@@ -754,6 +754,19 @@ class Batch:
         return replace(self, **changes)
 
 
+def needed_inputs(spec: LossSpec, opts: Opts) -> set:
+    """The tensor inputs ``spec`` reads with ``opts``: its own (``LossSpec.inputs``) and the shared options' (the
+    KL's ``ref_logp``, or ``ref_kl`` for ``kl_estimator="exact"``; ``is_mode``'s ``sampler_logp``; the entropy)."""
+    need = set(spec.inputs(opts))
+    if opts.beta != 0:
+        need.add("ref_kl" if opts.kl_estimator == KL_EXACT else "ref_logp")
+    if opts.get("is_mode") is not None:
+        need.add("sampler_logp")
+    if opts.entropy_coef != 0 or opts.get("top_entropy_quantile") is not None:
+        need.add("entropy")
+    return need
+
+
 def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=None, old_logp=None, ref_logp=None,
             sampler_logp=None, entropy=None, token_weights=None, rewards=None, baseline=None, teacher_logp=None,
             teacher_kl=None, divergence=None, ref_kl=None, check_inputs: bool = True) -> Batch:
@@ -763,13 +776,7 @@ def prepare(logp, advantages, mask, *, spec: LossSpec, opts: Opts, cu_seqlens=No
         raise TypeError(f"logp must be a floating-point tensor, got {_describe(logp)}")
     layout = _Layout(logp, cu_seqlens, check_inputs)
     cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    need = set(spec.inputs(opts))
-    if opts.beta != 0:
-        need.add("ref_kl" if opts.kl_estimator == KL_EXACT else "ref_logp")
-    if opts.get("is_mode") is not None:
-        need.add("sampler_logp")
-    if opts.entropy_coef != 0 or opts.get("top_entropy_quantile") is not None:
-        need.add("entropy")
+    need = needed_inputs(spec, opts)
 
     def token(name, x):
         return _token_tensor(name, x, logp, name in need, _why(name, spec, opts))
