@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -175,15 +174,19 @@ if importlib.util.find_spec("triton") is None or importlib.util.find_spec("trito
     pytest.skip("needs triton with its NVIDIA backend (ptxas ships with it)", allow_module_level=True)
 
 
+# This file run as a script, once: started when collection is done, it runs beside the rest of the suite, and the test
+# runs last (conftest.py).
+_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+BACKGROUND = dict(args=[sys.executable, str(Path(__file__).resolve())], cwd=REPO_ROOT,
+                  env=dict(_ENV, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), _ENV.get("PYTHONPATH")]))))
+
+
 @pytest.fixture(scope="module")
-def records() -> list:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    if proc.returncode != 0:
-        pytest.fail(f"the divergence compile script exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout)
+def records(background_run) -> list:
+    code, out, err = background_run.result(timeout=1200)
+    if code != 0:
+        pytest.fail(f"the divergence compile script exited with {code}:\n{err[-6000:]}")
+    return json.loads(out)
 
 
 def test_every_divergence_kernel_builds_and_fits(records):
