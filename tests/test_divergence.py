@@ -147,11 +147,15 @@ GRID = {
 }
 
 
+# Every shape with every kind, and with both the full vocabulary and the top-3 support (alternating with the kind):
+# every pair of (shape, kind, support) values is covered, in half the cartesian product.
+SHAPE_CASES = [(shape, kind, [None, 3][(i + k) % 2]) for i, shape in enumerate(GRID) for k, kind in enumerate(KINDS)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("top_k", [None, 3], ids=["full", "top3"])
-@pytest.mark.parametrize("shape", list(GRID), ids=list(GRID))
-def test_shapes(backend, kind, top_k, shape):
+@pytest.mark.parametrize("shape, kind, top_k", SHAPE_CASES,
+                         ids=[f"{s}-{'top3' if t else 'full'}-{k}" for s, k, t in SHAPE_CASES])
+def test_shapes(backend, shape, kind, top_k):
     kw = GRID[shape]
     case = make_case(kw["lead"], kw["hs"], kw["ht"], kw["V"], bias=True, mask_frac=0.25, kind=kind, beta=0.3,
                      temperature=0.8, top_k=min(top_k, kw["V"]) if top_k else None, seed=3)
@@ -318,8 +322,9 @@ def test_torch_compile_fullgraph(backend):
 # ----------------------------------------------------------------------------------------------------------------------
 
 FP32 = 4
-# cpp: its tiles stop growing at DIVERGENCE_TILE_ROWS rows, so it is measured from there.
-MEMORY_SHAPES = {"torch": (64, 32, 16000, 256, 2048), "triton": (16, 16, 2000, 32, 160),
+# cpp: its tiles stop growing at DIVERGENCE_TILE_ROWS rows, so it is measured from there. triton: 1 and 5 row blocks
+# of the interpreter's config (measured: ~820 bytes a row, against 2112 allowed and 8000 for one [N, V] tensor).
+MEMORY_SHAPES = {"torch": (64, 32, 16000, 256, 2048), "triton": (16, 16, 2000, 16, 80),
                  "cpp": (64, 32, 16000, 2048, 4096)}
 
 

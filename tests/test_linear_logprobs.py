@@ -17,7 +17,7 @@ The bar is ``rlcore.validate.compare``, shared with ``python -m rlcore.validate`
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from .helpers import BACKENDS, FP32_TOL, compare, errors, make_case, run_reference, run_rlcore
@@ -29,8 +29,7 @@ def check_against_float64(case, backend, precision):
     assert report.passed, "; ".join(report.failures)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@given(
+RANDOM_CASES = dict(
     N=st.integers(1, 48),
     H=st.sampled_from([1, 16, 33, 60, 64, 72]),
     V=st.integers(1, 520),                         # up to 3 vocabulary spans of 256 in the Triton forward
@@ -41,10 +40,24 @@ def check_against_float64(case, backend, precision):
     ignore_frac=st.sampled_from([0.0, 0.3]),
     seed=st.integers(0, 2**16),
 )
-def test_matches_float64(backend, N, H, V, dtype, precision, temperature, bias, ignore_frac, seed):
-    dt = DTYPES[dtype]
-    case = make_case(N, H, V, dt, bias=bias, ignore_frac=ignore_frac, temperature=temperature, seed=seed)
+
+
+def check_random_case(backend, N, H, V, dtype, precision, temperature, bias, ignore_frac, seed):
+    case = make_case(N, H, V, DTYPES[dtype], bias=bias, ignore_frac=ignore_frac, temperature=temperature, seed=seed)
     check_against_float64(case, backend, precision)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@given(**RANDOM_CASES)
+def test_matches_float64(backend, **case):
+    check_random_case(backend, **case)
+
+
+# the interpreter runs each Triton program in numpy (about 1.4 s an example): half the examples of the others
+@settings(max_examples=max(1, settings.default.max_examples // 2))
+@given(**RANDOM_CASES)
+def test_triton_matches_float64(**case):
+    check_random_case("triton", **case)
 
 
 # Hand-picked shapes, each for a reason.
