@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a small subset, timed briefly (CPU: every case at N=1024 on cpu-small, without "
                         "torch.compile; a few minutes and under 2 GB on a 2-core CPU)")
+    p.add_argument("--smoke", action="store_true",
+                   help="time each row with one call and no warm-up: checks that the run works (the tests use it "
+                        "with --quick --shapes tiny); its times mean nothing")
     default_cases = tuple(n for n, c in CASES.items() if c.in_default_run)
     p.add_argument("--only", type=_list(list(CASES)), default=default_cases, metavar="CASE[,CASE]",
                    help=f"cases to run (default: {', '.join(default_cases)}; also: "
@@ -117,13 +120,14 @@ def main(argv=None) -> int:
         shapes=args.shapes or default_shapes(device.type, args.quick),
         dtypes=args.dtype or (("bf16",) if device.type == "cuda" else ("fp32",)),
         providers=tuple(p for p in PROVIDERS if p in args.providers), tokens=args.tokens, seed=args.seed,
+        smoke=args.smoke,
     )
     env = environment(device)
     out_dir = args.out or default_out(env["device_slug"])
     meta = dict(
         env, argv=sys.argv[1:] if argv is None else list(argv), config={
             **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}, "device": str(device)},
-        timing_policy=dataclasses.asdict(TimingPolicy.for_run(args.quick)), flop_convention=FLOP_CONVENTION,
+        timing_policy=dataclasses.asdict(TimingPolicy.for_run(args.quick, args.smoke)), flop_convention=FLOP_CONVENTION,
         error_convention=(
             f"max abs error against rlcore.reference in float64, on the first {SAMPLE_ROWS} rows (fwd, fwd_bwd: "
             f"err_logp, err_entropy, err_dh); loss_*: err_loss = abs error of the scalar loss against the float64 "

@@ -48,7 +48,9 @@ class TimingPolicy:
     rep_ms: int
 
     @classmethod
-    def for_run(cls, quick: bool) -> "TimingPolicy":
+    def for_run(cls, quick: bool, smoke: bool = False) -> "TimingPolicy":
+        if smoke:   # every row once and no warm-up: the run's shape and errors are real, its times are not
+            return cls(warmup_s=0.0, max_warmup=0, budget_s=0.0, min_reps=1, max_reps=1, rep_ms=1)
         if quick:
             return cls(warmup_s=0.5, max_warmup=50, budget_s=3.0, min_reps=1, max_reps=10, rep_ms=100)
         return cls(warmup_s=2.0, max_warmup=200, budget_s=20.0, min_reps=3, max_reps=30, rep_ms=500)

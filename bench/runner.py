@@ -43,6 +43,7 @@ class Config:
     providers: tuple[str, ...]
     tokens: Optional[tuple[int, ...]] = None      # overrides the registry's token counts
     seed: int = 0
+    smoke: bool = False                           # one timed call per row (TimingPolicy.for_run)
 
 
 def plan(cfg: Config) -> list[tuple[str, str, str, int]]:
@@ -84,7 +85,7 @@ def _is_oom(e: BaseException) -> bool:
 def run(cfg: Config, env: dict) -> Iterator[dict]:
     """Yield one row (a dict over ``env`` fields + ``FIELDS``) per (group, provider), as each completes."""
     ctx = Context(device=cfg.device, quick=cfg.quick)
-    policy = TimingPolicy.for_run(cfg.quick)
+    policy = TimingPolicy.for_run(cfg.quick, cfg.smoke)
     for case_name, shape_name, dtype_name, N in plan(cfg):
         case, shape, dtype = CASES[case_name], SHAPES[shape_name], DTYPES[dtype_name]
         inp = case.make_inputs(shape, N, dtype, cfg.device, seed=cfg.seed)

@@ -47,13 +47,14 @@ def _cpp_backend_is_really_built(request):
         assert rlcore.cpp.available(), f"the compiled CPU backend did not build: {rlcore.cpp.unavailable_reason()}"
 
 
-
 class BackgroundRun:
     """A command run once per session in the background (a module's ``BACKGROUND``: ``subprocess.Popen`` arguments).
 
     Started by ``pytest_collection_finish`` when one of its module's tests is selected (else on first ``result``), in
-    a session of its own (so that it and the worker processes it spawns are stopped together), with ``nice``. Its
-    output goes to temporary files, not pipes, so it never blocks on a full pipe while nobody reads it."""
+    a process group of its own (so that it and the worker processes it spawns are stopped together), with ``nice``.
+    Not in a session of its own: with the kernel's autogroup scheduling a new session gets a new group, whose nice
+    level is 0 whatever its processes' own, and then it takes as much CPU as this session. Its output goes to
+    temporary files, not pipes, so it never blocks on a full pipe while nobody reads it."""
 
     def __init__(self, args: list, *, cwd, env: dict, nice: int = 10):
         self.args, self.cwd, self.env, self.nice = args, cwd, env, nice
@@ -64,8 +65,13 @@ class BackgroundRun:
             return
         self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         nice = self.nice
+
+        def lower_priority_own_group():
+            os.setpgid(0, 0)
+            os.nice(nice)
+
         self.proc = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=self.out, stderr=self.err,
-                                     text=True, start_new_session=True, preexec_fn=lambda: os.nice(nice))
+                                     text=True, preexec_fn=lower_priority_own_group)
 
     def result(self, timeout: float) -> tuple:
         """``(returncode, stdout, stderr)``, waiting at most ``timeout`` seconds from now (then it is stopped and

@@ -1,5 +1,6 @@
-"""The benchmark suite runs end to end: ``python -m bench --quick --shapes tiny`` in a subprocess, as a user would,
-then ``python -m bench.compare`` on what it wrote."""
+"""The benchmark suite runs end to end: ``python -m bench --quick --shapes tiny --smoke`` in a subprocess, as a user
+would (``--smoke``: one timed call per row, no warm-up; every provider, case and check as in any run), then
+``python -m bench.compare`` on what it wrote."""
 
 import csv
 import json
@@ -29,7 +30,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)   # the benchmark must skip the Triton provider on CPU, not time the interpreter
-    cmd = [sys.executable, "-m", "bench", "--quick", "--shapes", "tiny", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench", "--quick", "--shapes", "tiny", "--smoke", "--out", str(out)]
     if HAS_CUDA:   # time the Triton kernels too, but leave out torch.compile's minutes of compiling
         cmd += ["--providers", "gemm-floor,reference,rlcore-torch,rlcore-1pass,rlcore-triton"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
