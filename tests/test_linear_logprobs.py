@@ -54,7 +54,7 @@ def test_matches_float64(backend, **case):
 
 
 # the interpreter runs each Triton program in numpy (about 1.4 s an example): half the examples of the others
-@settings(max_examples=max(1, settings.default.max_examples // 2))
+@settings(max_examples=(settings.default.max_examples + 1) // 2)
 @given(**RANDOM_CASES)
 def test_triton_matches_float64(**case):
     check_random_case("triton", **case)
