@@ -95,6 +95,18 @@ def live_rows(targets, grad_logp, grad_ent, ignore_index: int):
     return live
 
 
+
+def add_head_grads(dh, dw, db, sl: slice, dz, h, w) -> None:
+    """One block of rows' logit gradients ``dz [C, V]`` into a head's buffers (``None``: not needed): ``dh[sl] = dz W``,
+    ``dW += dz^T h``, ``db += sum_rows dz``."""
+    if dh is not None:
+        dh[sl] = dz @ w
+    if dw is not None:
+        dw.addmm_(dz.T, h)
+    if db is not None:
+        db += dz.sum(0)
+
+
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp: float,
                         ignore_index: int, compute_dh: bool = True, compute_dw: bool = True,
                         compute_db: bool = True, softcap: float = 0.0):
@@ -136,11 +148,6 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
         if slope is not None:                                    # chain rule through cap(a)
             dz.mul_(slope)
         dz.masked_fill_(~keep, 0.0)                              # NaN lse of a dead row: its dz is exactly 0
-        if dh is not None:
-            dh[sl] = dz @ w
-        if dw is not None:
-            dw.addmm_(dz.T, h_c)
-        if db is not None:
-            db += dz.sum(0)
+        add_head_grads(dh, dw, db, sl, dz, h_c, w)
         del z, zr, p, dz, slope  # free this chunk's [C, V] blocks before the next chunk allocates its own
     return dh, dw, db
