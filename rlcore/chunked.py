@@ -11,16 +11,36 @@ Math and notation: see ``rlcore/kernels/linear_logprobs.py``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
 
 import torch
 
-__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "live_rows", "linear_logprobs_fwd", "linear_logprobs_bwd"]
+__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "live_rows", "linear_logprobs_fwd", "linear_logprobs_bwd",
+           "autocast_off", "add_head_grads"]
 
 # 2^23 FP32 logits = 32 MiB per [C, V] temporary (~260 rows of a 32k vocabulary): measured on a 2-core CPU at
 # N=8192, H=1024, V=32000, forward+backward took 16.2 s with 2^21, 13.3 s with 2^23, 14.1 s with 2^24 (materialised
 # reference: 15.9 s). A few such temporaries are live at once, a constant next to any real head's O(N H + V H).
 CHUNK_ELEMENTS = int(os.environ.get("RLCORE_CHUNK_ELEMENTS", 2**23))
+
+
+def autocast_off(fn):
+    """``fn`` run with autocast off on every device where it is on: rlcore's ops compute the heads from the tensors they
+    are given, in the dtypes their precision modes state; an enclosing ``torch.autocast`` would otherwise round the
+    chunked path's GEMMs to bf16 (the Triton and compiled kernels never see autocast). Wraps the ops' bodies."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        with contextlib.ExitStack() as stack:
+            for device in on:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+    # Annotations resolved where fn is defined: torch.library reads the signature to infer an op's schema.
+    run.__signature__ = inspect.signature(fn, eval_str=True)
+    return run
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -284,6 +284,7 @@ def _out_dtype(*tensors) -> torch.dtype:
 
 
 @torch.library.custom_op("rlcore::linear_divergence", mutates_args=())
+@chunked.autocast_off
 def _linear_divergence_op(
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
     ht: torch.Tensor, wt: torch.Tensor, bt: Optional[torch.Tensor],
@@ -314,6 +315,7 @@ def _(hs, ws, bs, ht, wt, bt, valid, kind, beta, temperature, backend):
 
 
 @torch.library.custom_op("rlcore::linear_divergence_backward", mutates_args=())
+@chunked.autocast_off
 def _linear_divergence_backward_op(
     grad: torch.Tensor,
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
@@ -364,6 +366,7 @@ torch.library.register_autograd("rlcore::linear_divergence", _backward, setup_co
 
 
 @torch.library.custom_op("rlcore::linear_divergence_reduced", mutates_args=())
+@chunked.autocast_off
 def _linear_divergence_reduced_op(
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
     ht: torch.Tensor, wt: torch.Tensor, bt: Optional[torch.Tensor],
@@ -423,6 +426,7 @@ torch.library.register_autograd("rlcore::linear_divergence_reduced", _backward_r
 
 
 @torch.no_grad()
+@chunked.autocast_off
 def teacher_topk(ht, wt, bt, valid, k: int, inv_temp: float) -> torch.Tensor:
     """``ids [N, k]``: the teacher's ``k`` largest logits at each position (ties in ``torch.topk``'s order), found a
     block of rows at a time; rows not ``valid`` give id 0."""
