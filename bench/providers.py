@@ -240,7 +240,7 @@ class _Rlcore(LogprobsProvider):
 
     def divergence_fn(self):
         backend = self.options["backend"]
-        return lambda hs, ws, ht, wt: rlcore.linear_divergence(hs, ws, ht, wt, backend=backend).mean()
+        return lambda hs, ws, ht, wt: rlcore.linear_divergence(hs, ws, ht, wt, reduction="mean", backend=backend)
 
 
 class RlcoreTorch(_Rlcore):

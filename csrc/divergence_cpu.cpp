@@ -14,6 +14,9 @@
 //             the same fold for the normalisers, then a second pass summing p (ls - lm) and q (lt - lm).
 //   backward  recomputes both tiles, overwrites them with dz^T in place, and feeds each head's to two GEMMs:
 //             dW_t += dz^T h_r (an FP32 [Vt, H] tile per vocabulary tile) and dh_r += dz W_t (FP32 [N, H]).
+//   fused     (divergence_fused, for a loss sum_i w_i D_i whose weights the forward knows: linear_divergence's
+//             reduction) rows outer, each block of rows' tiles spanning the whole vocabulary: the forward's folds
+//             over them, then dz in place and the two gradient GEMMs, so each logit is formed once (4 GEMMs, not 6).
 // The gap (z_A - m_A) - (z_B - m_B) is a difference of small numbers for the entries that carry the mass, so logits of
 // 1e4 leave no rounding of size ulp(1e4) in the KL, and the mu form of the gradient has no lse_A - lse_B in it.
 //
@@ -117,6 +120,9 @@ struct JsdSums {
 
 struct Mixture {
   float log_beta, log_1m_beta;
+  static Mixture of(double beta) {
+    return {static_cast<float>(std::log(beta)), static_cast<float>(std::log1p(-beta))};
+  }
   Vec log_m(const Vec& ls, const Vec& lt) const { return log_add_exp(ls + Vec(log_beta), lt + Vec(log_1m_beta)); }
 };
 
@@ -202,11 +208,12 @@ struct HeadGrads {
   bool need_dh, need_dw, need_db;
   at::TensorOptions f32;
   at::Tensor dh, dw, db, dw_acc, db_acc;
-  HeadGrads(const Head& head, int64_t n, bool dh_, bool dw_, bool db_)
+  // fp32_out: dW in FP32 whatever the weight's dtype (else in the weight's).
+  HeadGrads(const Head& head, int64_t n, bool dh_, bool dw_, bool db_, bool fp32_out)
       : need_dh(dh_), need_dw(dw_), need_db(db_ && head.b.defined()), f32(head.h.options().dtype(at::kFloat)) {
     const int64_t V = head.w.size(0), H = head.w.size(1);
     if (need_dh) dh = at::zeros({n, H}, f32);
-    if (need_dw) dw = at::empty({V, H}, head.w.options().memory_format(at::MemoryFormat::Contiguous));
+    if (need_dw) dw = at::empty({V, H}, fp32_out ? f32 : head.w.options().memory_format(at::MemoryFormat::Contiguous));
     if (need_db) db = at::empty({V}, f32);
   }
   bool any() const { return need_dh || need_dw || need_db; }
@@ -280,49 +287,75 @@ void for_each_tile(const Head& s, const Head& t, int64_t tile_rows, int64_t tile
 // Forward
 // ---------------------------------------------------------------------------------------------------------------------
 
-// (lse_A, lse_B, KL(A || B), mu = E_A[z_A - z_B]), each FP32 [n], from one pass over both heads.
-std::vector<at::Tensor> kl_pass(const Head& a, const Head& b, float inv_temp, int64_t tile_rows, int64_t tile_vocab,
-                                bool onednn) {
-  const int64_t n = a.h.size(0);
-  at::Tensor sums = at::zeros({10, n}, a.h.options().dtype(at::kFloat));
+// The KL fold's running sums for n positions, FP32 [10, n] (the KlSums order), and their views.
+at::Tensor kl_sums(int64_t n, const at::TensorOptions& f32) {
+  at::Tensor sums = at::zeros({10, n}, f32);
   sums[0].fill_(std::numeric_limits<float>::lowest());
   sums[3].fill_(std::numeric_limits<float>::lowest());
+  return sums;
+}
+
+KlSums kl_view(at::Tensor& sums) {
+  const int64_t n = sums.size(1);
   float* p = sums.data_ptr<float>();
-  const KlSums base{p,         p + n,     p + 2 * n, p + 3 * n, p + 4 * n,
-                    p + 5 * n, p + 6 * n, p + 7 * n, p + 8 * n, p + 9 * n};
-  for_each_tile(a, b, tile_rows, tile_vocab, [&](int64_t v0, int64_t vt, const at::Tensor& wa, const at::Tensor& wb,
-                                                 int64_t r0, int64_t rows) {
-    const HeadTile za(a, wa, v0, r0, rows, inv_temp, onednn), zb(b, wb, v0, r0, rows, inv_temp, onednn);
-    const KlSums r = base.at(r0);
-    parallel_over_positions(rows, [&](int64_t c0, int64_t c1) {
-      fold_range(vt, c0, c1, [&](int64_t j0, int64_t nb, int64_t c, int64_t m) {
-        kl_fold_block(za.t, zb.t, j0, nb, c, m, r);
-      });
-    });
-  });
+  return {p, p + n, p + 2 * n, p + 3 * n, p + 4 * n, p + 5 * n, p + 6 * n, p + 7 * n, p + 8 * n, p + 9 * n};
+}
+
+// (lse_A, lse_B, KL(A || B), mu = E_A[z_A - z_B]), each FP32 [n], from the folded sums.
+std::vector<at::Tensor> kl_finish(const at::Tensor& sums) {
   const at::Tensor sa = sums[1] - sums[2], log_sa = sa.log(), log_sb = (sums[4] - sums[5]).log();
   const at::Tensor gap = (sums[6] - sums[7]) / sa;                      // E_A[(z_A - m_A) - (z_B - m_B)]
   return {sums[0] + log_sa, sums[3] + log_sb, gap - log_sa + log_sb, (sums[8] - sums[9]) / sa};
 }
 
+// Fold one pair of tiles (all their vocabulary rows and positions) into the running sums r of their positions.
+void kl_fold_tiles(const Tile& a, const Tile& b, const KlSums& r) {
+  parallel_over_positions(a.rows, [&](int64_t c0, int64_t c1) {
+    fold_range(a.vt, c0, c1, [&](int64_t j0, int64_t nb, int64_t c, int64_t m) {
+      kl_fold_block(a, b, j0, nb, c, m, r);
+    });
+  });
+}
+
+void jsd_fold_tiles(const Tile& s, const Tile& t, const JsdSums& r, const Mixture& mix) {
+  parallel_over_positions(s.rows, [&](int64_t c0, int64_t c1) {
+    fold_range(s.vt, c0, c1, [&](int64_t j0, int64_t nb, int64_t c, int64_t m) {
+      jsd_fold_block(s, t, j0, nb, c, m, r, mix);
+    });
+  });
+}
+
+// (lse_A, lse_B, KL(A || B), mu), each FP32 [n], from one pass over both heads.
+std::vector<at::Tensor> kl_pass(const Head& a, const Head& b, float inv_temp, int64_t tile_rows, int64_t tile_vocab,
+                                bool onednn) {
+  at::Tensor sums = kl_sums(a.h.size(0), a.h.options().dtype(at::kFloat));
+  const KlSums base = kl_view(sums);
+  for_each_tile(a, b, tile_rows, tile_vocab, [&](int64_t v0, int64_t vt, const at::Tensor& wa, const at::Tensor& wb,
+                                                 int64_t r0, int64_t rows) {
+    const HeadTile za(a, wa, v0, r0, rows, inv_temp, onednn), zb(b, wb, v0, r0, rows, inv_temp, onednn);
+    kl_fold_tiles(za.t, zb.t, base.at(r0));
+  });
+  return kl_finish(sums);
+}
+
+// The JSD's (c1, c2) sums for n positions, FP32 [4, n] (value, compensation of each), and their view.
+JsdSums jsd_view(at::Tensor& sums, const at::Tensor& lse_s, const at::Tensor& lse_t) {
+  const int64_t n = sums.size(1);
+  float* p = sums.data_ptr<float>();
+  return {lse_s.data_ptr<float>(), lse_t.data_ptr<float>(), p, p + n, p + 2 * n, p + 3 * n};
+}
+
 // (KL(p || m), KL(q || m)) of the JSD, FP32 [n], given both log-sum-exps.
 std::vector<at::Tensor> jsd_pass(const Head& s, const Head& t, const at::Tensor& lse_s, const at::Tensor& lse_t,
-                                 double beta, float inv_temp, int64_t tile_rows, int64_t tile_vocab, bool onednn) {
-  const int64_t n = s.h.size(0);
-  at::Tensor sums = at::zeros({4, n}, s.h.options().dtype(at::kFloat));
+                                 const Mixture& mix, float inv_temp, int64_t tile_rows, int64_t tile_vocab,
+                                 bool onednn) {
+  at::Tensor sums = at::zeros({4, s.h.size(0)}, s.h.options().dtype(at::kFloat));
   const at::Tensor ls = lse_s.contiguous(), lt = lse_t.contiguous();
-  float* p = sums.data_ptr<float>();
-  const JsdSums base{ls.data_ptr<float>(), lt.data_ptr<float>(), p, p + n, p + 2 * n, p + 3 * n};
-  const Mixture mix{static_cast<float>(std::log(beta)), static_cast<float>(std::log1p(-beta))};
+  const JsdSums base = jsd_view(sums, ls, lt);
   for_each_tile(s, t, tile_rows, tile_vocab, [&](int64_t v0, int64_t vt, const at::Tensor& ws, const at::Tensor& wt,
                                                  int64_t r0, int64_t rows) {
     const HeadTile zs(s, ws, v0, r0, rows, inv_temp, onednn), zt(t, wt, v0, r0, rows, inv_temp, onednn);
-    const JsdSums r = base.at(r0);
-    parallel_over_positions(rows, [&](int64_t c0, int64_t c1) {
-      fold_range(vt, c0, c1, [&](int64_t j0, int64_t nb, int64_t c, int64_t m) {
-        jsd_fold_block(zs.t, zt.t, j0, nb, c, m, r, mix);
-      });
-    });
+    jsd_fold_tiles(zs.t, zt.t, base.at(r0), mix);
   });
   return {sums[0] - sums[1], sums[2] - sums[3]};
 }
@@ -343,7 +376,7 @@ at::Tensor divergence_fwd(const at::Tensor& hs, const at::Tensor& ws, const std:
   } else {
     const auto r = kl_pass(s, t, it, tile_rows, tile_vocab, onednn);
     if (kind == kJSD) {
-      const auto c = jsd_pass(s, t, r[0], r[1], beta, it, tile_rows, tile_vocab, onednn);
+      const auto c = jsd_pass(s, t, r[0], r[1], Mixture::of(beta), it, tile_rows, tile_vocab, onednn);
       stats = at::stack({r[0], r[1], c[0], c[1]});
     } else {
       stats = at::stack(r);
@@ -389,6 +422,68 @@ void dz_range(const Tile& a, const Tile& b, int64_t c0, int64_t c1, const Coefs&
   }
 }
 
+// The backward's per-row coefficient columns (Coefs order: lse_a, lse_b, c_a, c_b, g_a, g_b), contiguous FP32 [n],
+// from stats st [4, n] in (S, T) order and the upstream gradient g [n] (already times 1 / T).
+std::vector<at::Tensor> coef_columns(const at::Tensor& st, const at::Tensor& g, int64_t kind, double beta) {
+  std::vector<at::Tensor> cols;
+  if (kind == kJSD) {
+    cols = {st[0], st[1], st[2], st[3], g * beta, g * (1.0 - beta)};
+  } else {
+    const bool swap = kind == kForwardKL;
+    cols = {st[swap ? 1 : 0], st[swap ? 0 : 1], st[3], st[3], g, g};
+  }
+  for (auto& x : cols) x = x.contiguous();
+  return cols;
+}
+
+Coefs coef_view(const std::vector<at::Tensor>& cols) {
+  return {cols[0].data_ptr<float>(), cols[1].data_ptr<float>(), cols[2].data_ptr<float>(),
+          cols[3].data_ptr<float>(), cols[4].data_ptr<float>(), cols[5].data_ptr<float>()};
+}
+
+// Both heads on the rows that enter the GEMMs, in the fold's (A, B) roles, with their gradient accumulators.
+struct Pair {
+  Head s, t;
+  bool swap;   // A = teacher: KL(q || p)
+  HeadGrads gs, gt;
+  bool fp32_out;   // gradients in FP32 (else in the inputs' dtypes)
+  Pair(const Rows& rows, const at::Tensor& hs, const at::Tensor& ws, const std::optional<at::Tensor>& bs,
+       const at::Tensor& ht, const at::Tensor& wt, const std::optional<at::Tensor>& bt, int64_t kind,
+       const std::vector<bool>& needs, bool fp32)
+      : s(rows, hs, ws, bs), t(rows, ht, wt, bt), swap(kind == kForwardKL),
+        gs(s, rows.n, needs[0], needs[1], needs[2], fp32), gt(t, rows.n, needs[3], needs[4], needs[5], fp32),
+        fp32_out(fp32) {}
+  const Head& a() const { return swap ? t : s; }
+  const Head& b() const { return swap ? s : t; }
+  HeadGrads& ga() { return swap ? gt : gs; }
+  HeadGrads& gb() { return swap ? gs : gt; }
+  bool any() const { return gs.any() || gt.any(); }
+  // Turn the tiles of rows [r0, r0 + nr) into dz^T in place and add them to the gradients.
+  void add_tiles(const HeadTile& za, const HeadTile& zb, const at::Tensor& wa, const at::Tensor& wb, int64_t r0,
+                 int64_t nr, const Coefs& k, const Mixture* jsd, bool onednn) {
+    const bool need_a = ga().any(), need_b = gb().any();
+    parallel_over_positions(nr, [&](int64_t c0, int64_t c1) { dz_range(za.t, zb.t, c0, c1, k, jsd, need_a, need_b); });
+    if (need_a) ga().add(za.z, a(), wa, r0, nr, onednn);
+    if (need_b) gb().add(zb.z, b(), wb, r0, nr, onednn);
+  }
+  void begin(int64_t v0, int64_t vt) { gs.begin(v0, vt); gt.begin(v0, vt); }
+  void end(int64_t v0, int64_t vt) { gs.end(v0, vt); gt.end(v0, vt); }
+  // (dh_S, dW_S, db_S, dh_T, dW_T, db_T) in the inputs' dtypes (db FP32 -> the bias's), or FP32; undefined where
+  // not asked for.
+  std::vector<at::Tensor> grads(const Rows& rows, const at::Tensor& hs, const std::optional<at::Tensor>& bs,
+                                const at::Tensor& ht, const std::optional<at::Tensor>& bt) const {
+    std::vector<at::Tensor> out;
+    for (const HeadGrads* g : {&gs, &gt}) {
+      const auto dh_type = fp32_out ? at::kFloat : (g == &gs ? hs : ht).scalar_type();
+      const std::optional<at::Tensor>& bias = g == &gs ? bs : bt;
+      out.push_back(g->need_dh ? rows.scatter(g->dh, 0).to(dh_type) : at::Tensor());
+      out.push_back(g->need_dw ? g->dw : at::Tensor());
+      out.push_back(g->need_db ? g->db.to(fp32_out ? at::kFloat : bias->scalar_type()) : at::Tensor());
+    }
+    return out;
+  }
+};
+
 // (dh_S, dW_S, db_S, dh_T, dW_T, db_T) in the inputs' dtypes (db FP32 -> the bias's); undefined where not asked for.
 std::vector<at::Tensor> divergence_bwd(const at::Tensor& grad, const at::Tensor& hs, const at::Tensor& ws,
                                        const std::optional<at::Tensor>& bs, const at::Tensor& ht,
@@ -403,54 +498,79 @@ std::vector<at::Tensor> divergence_bwd(const at::Tensor& grad, const at::Tensor&
   // Masked rows carry no gradient, even a NaN one; rows whose gradient is 0 contribute nothing either.
   const at::Tensor g_all = at::where(valid, grad.to(at::kFloat), 0.0f);
   const Rows rows(g_all.ne(0.0f));
-  const Head s(rows, hs, ws, bs), t(rows, ht, wt, bt);
-  const at::Tensor g = rows.pick(g_all) * inv_temp;
-  const at::Tensor st = rows.pick(stats.to(at::kFloat).t()).t();         // [4, n]
-  const bool swap = kind == kForwardKL;                                    // A = teacher for KL(q || p)
-  const Head& a = swap ? t : s;
-  const Head& b = swap ? s : t;
-  HeadGrads gs(s, rows.n, needs[0], needs[1], needs[2]), gt(t, rows.n, needs[3], needs[4], needs[5]);
-  HeadGrads& ga = swap ? gt : gs;
-  HeadGrads& gb = swap ? gs : gt;
-  std::vector<at::Tensor> cols;   // lse_a, lse_b, c_a, c_b, g_a, g_b, contiguous
-  if (kind == kJSD) {
-    cols = {st[0], st[1], st[2], st[3], g * beta, g * (1.0 - beta)};
-  } else {
-    cols = {st[swap ? 1 : 0], st[swap ? 0 : 1], st[3], st[3], g, g};
-  }
-  for (auto& x : cols) x = x.contiguous();
-  const Coefs base{cols[0].data_ptr<float>(), cols[1].data_ptr<float>(), cols[2].data_ptr<float>(),
-                   cols[3].data_ptr<float>(), cols[4].data_ptr<float>(), cols[5].data_ptr<float>()};
-  const Mixture mix{static_cast<float>(std::log(beta)), static_cast<float>(std::log1p(-beta))};
+  Pair pair(rows, hs, ws, bs, ht, wt, bt, kind, needs, false);
+  const auto cols = coef_columns(rows.pick(stats.to(at::kFloat).t()).t(), rows.pick(g_all) * inv_temp, kind, beta);
+  const Coefs base = coef_view(cols);
+  const Mixture mix = Mixture::of(beta);
   const Mixture* jsd = kind == kJSD ? &mix : nullptr;
   const auto it = static_cast<float>(inv_temp);
   const int64_t V = ws.size(0);
-  for (int64_t v0 = 0; v0 < V && (ga.any() || gb.any()); v0 += tile_vocab) {
+  for (int64_t v0 = 0; v0 < V && pair.any(); v0 += tile_vocab) {
     const int64_t vt = std::min(tile_vocab, V - v0);
-    const at::Tensor wa = weight_tile(a.w, v0, vt), wb = weight_tile(b.w, v0, vt);
-    ga.begin(v0, vt);
-    gb.begin(v0, vt);
+    const at::Tensor wa = weight_tile(pair.a().w, v0, vt), wb = weight_tile(pair.b().w, v0, vt);
+    pair.begin(v0, vt);
     for (int64_t r0 = 0; r0 < rows.n; r0 += tile_rows) {
       const int64_t nr = std::min(tile_rows, rows.n - r0);
-      const HeadTile za(a, wa, v0, r0, nr, it, onednn), zb(b, wb, v0, r0, nr, it, onednn);
-      const Coefs k = base.at(r0);
-      parallel_over_positions(nr, [&](int64_t c0, int64_t c1) {
-        dz_range(za.t, zb.t, c0, c1, k, jsd, ga.any(), gb.any());
-      });
-      if (ga.any()) ga.add(za.z, a, wa, r0, nr, onednn);
-      if (gb.any()) gb.add(zb.z, b, wb, r0, nr, onednn);
+      const HeadTile za(pair.a(), wa, v0, r0, nr, it, onednn), zb(pair.b(), wb, v0, r0, nr, it, onednn);
+      pair.add_tiles(za, zb, wa, wb, r0, nr, base.at(r0), jsd, onednn);
     }
-    ga.end(v0, vt);
-    gb.end(v0, vt);
+    pair.end(v0, vt);
   }
-  std::vector<at::Tensor> out;
-  for (auto* pair : {&gs, &gt}) {
-    const at::Tensor& hidden = pair == &gs ? hs : ht;
-    const std::optional<at::Tensor>& bias = pair == &gs ? bs : bt;
-    out.push_back(pair->need_dh ? rows.scatter(pair->dh, 0).to(hidden.scalar_type()) : at::Tensor());
-    out.push_back(pair->need_dw ? pair->dw : at::Tensor());
-    out.push_back(pair->need_db ? pair->db.to(bias->scalar_type()) : at::Tensor());
+  return pair.grads(rows, hs, bs, ht, bt);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Forward and backward in one pass, for a loss sum_i weights_i D_i whose weights are known in the forward
+// ---------------------------------------------------------------------------------------------------------------------
+
+// stats [4, nr] in (S, T) order of rows [r0, r0 + nr), from the tiles of both heads over the whole vocabulary.
+at::Tensor chunk_stats(const Pair& pair, const HeadTile& za, const HeadTile& zb, int64_t kind, const Mixture& mix) {
+  at::Tensor sums = kl_sums(za.t.rows, pair.s.h.options().dtype(at::kFloat));
+  kl_fold_tiles(za.t, zb.t, kl_view(sums));
+  auto r = kl_finish(sums);
+  if (pair.swap) return at::stack({r[1], r[0], r[2], r[3]});
+  if (kind != kJSD) return at::stack(r);
+  at::Tensor jsums = at::zeros({4, za.t.rows}, sums.options());
+  const at::Tensor ls = r[0].contiguous(), lt = r[1].contiguous();
+  jsd_fold_tiles(za.t, zb.t, jsd_view(jsums, ls, lt), mix);
+  return at::stack({r[0], r[1], jsums[0] - jsums[1], jsums[2] - jsums[3]});
+}
+
+// (stats [4, N], dh_S, dW_S, db_S, dh_T, dW_T, db_T): the forward's statistics and the FP32 gradients of
+// sum_i weights_i D_i, from one pass over blocks of tile_rows rows, each holding both heads' logits over the whole
+// vocabulary (2 tile_rows V FP32) while its statistics, then dz, are formed from them: four GEMMs to the separate
+// forward and backward's six. Rows not valid are dropped before the GEMMs.
+std::vector<at::Tensor> divergence_fused(const at::Tensor& weights, const at::Tensor& hs, const at::Tensor& ws,
+                                         const std::optional<at::Tensor>& bs, const at::Tensor& ht,
+                                         const at::Tensor& wt, const std::optional<at::Tensor>& bt,
+                                         const at::Tensor& valid, int64_t kind, double beta, double inv_temp,
+                                         std::vector<bool> needs, int64_t tile_rows, bool onednn) {
+  check_inputs(hs, ws, bs, ht, wt, bt, valid, kind, tile_rows, 1);
+  TORCH_CHECK(needs.size() == 6, "rlcore cpp divergence: needs must hold six bools");
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == hs.size(0), "rlcore cpp divergence: weights must be [N]");
+  const Rows rows(valid);
+  Pair pair(rows, hs, ws, bs, ht, wt, bt, kind, needs, true);
+  const at::Tensor g = rows.pick(at::where(valid, weights.to(at::kFloat), 0.0f)) * inv_temp;
+  const Mixture mix = Mixture::of(beta);
+  const Mixture* jsd = kind == kJSD ? &mix : nullptr;
+  const auto it = static_cast<float>(inv_temp);
+  const int64_t V = ws.size(0);
+  const at::Tensor wa = weight_tile(pair.a().w, 0, V), wb = weight_tile(pair.b().w, 0, V);
+  at::Tensor stats = at::empty({4, rows.n}, pair.s.h.options().dtype(at::kFloat));
+  pair.begin(0, V);
+  for (int64_t r0 = 0; r0 < rows.n; r0 += tile_rows) {
+    const int64_t nr = std::min(tile_rows, rows.n - r0);
+    const HeadTile za(pair.a(), wa, 0, r0, nr, it, onednn), zb(pair.b(), wb, 0, r0, nr, it, onednn);
+    const at::Tensor st = chunk_stats(pair, za, zb, kind, mix);
+    stats.narrow(1, r0, nr).copy_(st);
+    if (pair.any()) {
+      const auto cols = coef_columns(st, g.narrow(0, r0, nr), kind, beta);
+      pair.add_tiles(za, zb, wa, wb, r0, nr, coef_view(cols), jsd, onednn);
+    }
   }
+  pair.end(0, V);
+  std::vector<at::Tensor> out{rows.scatter(stats, 1)};
+  for (auto& x : pair.grads(rows, hs, bs, ht, bt)) out.push_back(x);
   return out;
 }
 
@@ -467,4 +587,9 @@ void rlcore_register_divergence(pybind11::module_& m) {
         py::arg("grad"), py::arg("hs"), py::arg("ws"), py::arg("bs"), py::arg("ht"), py::arg("wt"), py::arg("bt"),
         py::arg("valid"), py::arg("stats"), py::arg("kind"), py::arg("beta"), py::arg("inv_temp"), py::arg("needs"),
         py::arg("tile_rows"), py::arg("tile_vocab"), py::arg("onednn"), py::call_guard<py::gil_scoped_release>());
+  m.def("divergence_fused", &divergence_fused,
+        "(stats [4, N], dh_S, dW_S, db_S, dh_T, dW_T, db_T) of sum_i weights_i D_i, in one pass",
+        py::arg("weights"), py::arg("hs"), py::arg("ws"), py::arg("bs"), py::arg("ht"), py::arg("wt"), py::arg("bt"),
+        py::arg("valid"), py::arg("kind"), py::arg("beta"), py::arg("inv_temp"), py::arg("needs"),
+        py::arg("tile_rows"), py::arg("onednn"), py::call_guard<py::gil_scoped_release>());
 }

@@ -11,16 +11,36 @@ Math and notation: see ``rlcore/kernels/linear_logprobs.py``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
 
 import torch
 
-__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "live_rows", "linear_logprobs_fwd", "linear_logprobs_bwd"]
+__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "live_rows", "linear_logprobs_fwd", "linear_logprobs_bwd",
+           "autocast_off", "add_head_grads"]
 
 # 2^23 FP32 logits = 32 MiB per [C, V] temporary (~260 rows of a 32k vocabulary): measured on a 2-core CPU at
 # N=8192, H=1024, V=32000, forward+backward took 16.2 s with 2^21, 13.3 s with 2^23, 14.1 s with 2^24 (materialised
 # reference: 15.9 s). A few such temporaries are live at once, a constant next to any real head's O(N H + V H).
 CHUNK_ELEMENTS = int(os.environ.get("RLCORE_CHUNK_ELEMENTS", 2**23))
+
+
+def autocast_off(fn):
+    """``fn`` run with autocast off on every device where it is on: rlcore's ops compute the heads from the tensors they
+    are given, in the dtypes their precision modes state; an enclosing ``torch.autocast`` would otherwise round the
+    chunked path's GEMMs to bf16 (the Triton and compiled kernels never see autocast). Wraps the ops' bodies."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        with contextlib.ExitStack() as stack:
+            for device in on:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+    # Annotations resolved where fn is defined: torch.library reads the signature to infer an op's schema.
+    run.__signature__ = inspect.signature(fn, eval_str=True)
+    return run
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -95,6 +115,18 @@ def live_rows(targets, grad_logp, grad_ent, ignore_index: int):
     return live
 
 
+
+def add_head_grads(dh, dw, db, sl: slice, dz, h, w) -> None:
+    """One block of rows' logit gradients ``dz [C, V]`` into a head's buffers (``None``: not needed): ``dh[sl] = dz W``,
+    ``dW += dz^T h``, ``db += sum_rows dz``."""
+    if dh is not None:
+        dh[sl] = dz @ w
+    if dw is not None:
+        dw.addmm_(dz.T, h)
+    if db is not None:
+        db += dz.sum(0)
+
+
 def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse, ent, inv_temp: float,
                         ignore_index: int, compute_dh: bool = True, compute_dw: bool = True,
                         compute_db: bool = True, softcap: float = 0.0):
@@ -136,11 +168,6 @@ def linear_logprobs_bwd(grad_logp, grad_ent, hidden, weight, bias, targets, lse,
         if slope is not None:                                    # chain rule through cap(a)
             dz.mul_(slope)
         dz.masked_fill_(~keep, 0.0)                              # NaN lse of a dead row: its dz is exactly 0
-        if dh is not None:
-            dh[sl] = dz @ w
-        if dw is not None:
-            dw.addmm_(dz.T, h_c)
-        if db is not None:
-            db += dz.sum(0)
+        add_head_grads(dh, dw, db, sl, dz, h_c, w)
         del z, zr, p, dz, slope  # free this chunk's [C, V] blocks before the next chunk allocates its own
     return dh, dw, db

@@ -44,7 +44,8 @@ import torch
 from . import chunked
 
 __all__ = ["available", "unavailable_reason", "load", "linear_logprobs_fwd", "linear_logprobs_bwd", "divergence_fwd",
-           "divergence_bwd", "TILE_ROWS", "TILE_VOCAB", "DIVERGENCE_TILE_ROWS", "DIVERGENCE_TILE_VOCAB"]
+           "divergence_bwd", "divergence_fused", "TILE_ROWS", "TILE_VOCAB", "DIVERGENCE_TILE_ROWS", "DIVERGENCE_TILE_VOCAB",
+           "FUSED_DIVERGENCE_ELEMENTS"]
 
 # Tile of the logits one GEMM and its epilogue work on: TILE_VOCAB vocabulary entries x TILE_ROWS positions, 8 MiB in
 # FP32, resident in the 32 MiB L3 of the development machine while its epilogue and (backward) two GEMMs read it.
@@ -56,6 +57,9 @@ TILE_VOCAB = 1024
 # the pair at 8 MiB.
 DIVERGENCE_TILE_ROWS = 2048
 DIVERGENCE_TILE_VOCAB = 512
+# The single pass of a reduced divergence (divergence_fused) holds a block of rows of both heads' logits over the whole
+# vocabulary: 2 R V FP32 entries at most this many (R a multiple of 16: 1024 rows at V = 32000, 128 MiB).
+FUSED_DIVERGENCE_ELEMENTS = 2 ** 25
 
 _SOURCES = ("linear_logprobs_cpu.cpp", "divergence_cpu.cpp")   # compiled, into one module
 _HEADERS = ("cpu_tiles.h",)                                      # staged next to them
@@ -272,3 +276,22 @@ def divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind: str, beta: 
                                float(inv_temp), [bool(n) for n in needs], DIVERGENCE_TILE_ROWS,
                                DIVERGENCE_TILE_VOCAB, _onednn())
     return tuple(g if n else None for g, n in zip(grads, needs))
+
+
+def _fused_rows(V: int) -> int:
+    rows = FUSED_DIVERGENCE_ELEMENTS // (2 * V)
+    return max(1, rows // 16 * 16 if rows >= 16 else rows)
+
+
+def divergence_fused(weights, hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, inv_temp: float, needs: tuple):
+    """``(stats [4, N], dh_S, dW_S, db_S, dh_T, dW_T, db_T)`` of ``sum_i weights_i D_i`` in one pass: the signature of
+    ``rlcore.divergence.chunked_divergence_fused``, which computes them without the extension."""
+    mod = load()
+    if mod is None:
+        from .divergence import chunked_divergence_fused
+
+        return chunked_divergence_fused(weights, hs, ws, bs, ht, wt, bt, valid, kind, beta, inv_temp, needs)
+    stats, *grads = mod.divergence_fused(weights, hs, ws, bs, ht, wt, bt, valid, _DIVERGENCE_KINDS[kind], float(beta),
+                                         float(inv_temp), [bool(n) for n in needs], _fused_rows(ws.shape[0]),
+                                         _onednn())
+    return (stats, *(g if n else None for g, n in zip(grads, needs)))

@@ -50,6 +50,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from . import chunked
+
 __all__ = ["is_dtensor", "local_head", "agreed", "shard_layout", "vocab_parallel_logprobs", "ShardLayout"]
 
 _LOCAL_IGNORE = -1   # the ignore_index of the local op: never a local id, whatever the caller's ignore_index is
@@ -231,6 +233,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     """``(logp [N], entropy [N])`` of the whole vocabulary from this rank's shard; math in the module docstring."""
 
     @staticmethod
+    @chunked.autocast_off
     def forward(ctx, hidden, weight, bias, targets, layout, temperature, ignore_index, precision, backend):
         valid = targets != ignore_index
         local = targets.long() - layout.starts[layout.rank]
@@ -255,6 +258,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @chunked.autocast_off
     def backward(ctx, grad_logp, grad_ent):
         hidden, weight, bias, t_local, stats, stray = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]

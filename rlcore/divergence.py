@@ -26,7 +26,8 @@ Layers, bottom up (as in ``rlcore.logprobs``):
                   ``rlcore.kernels.divergence`` (Triton: one online pass over vocabulary tiles of both heads) and
                   ``csrc/divergence_cpu.cpp`` (compiled CPU, through ``rlcore.cpp``: the same pass on oneDNN GEMM tiles)
     torch ops     ``rlcore::linear_divergence`` and ``rlcore::linear_divergence_backward``, with fakes and an
-                  autograd formula, so ``torch.compile(fullgraph=True)`` sees one op
+                  autograd formula, so ``torch.compile(fullgraph=True)`` sees one op; ``rlcore::linear_divergence_reduced``
+                  (a weighted sum whose gradients the forward forms in the same pass over each block of rows)
     public        ``linear_divergence``: argument checks, ``[..., H]`` flattening, the top-k support
 """
 
@@ -43,9 +44,11 @@ import torch
 from . import chunked, cpp
 
 __all__ = ["linear_divergence", "linear_divergence_reference", "teacher_topk", "opd_advantages", "support_divergence",
-           "KINDS", "BACKENDS", "chunked_divergence_fwd", "chunked_divergence_bwd", "combine"]
+           "KINDS", "REDUCTIONS", "BACKENDS", "chunked_divergence_fwd", "chunked_divergence_bwd",
+           "chunked_divergence_fused", "combine"]
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
+REDUCTIONS = ("none", "sum", "mean")
 BACKENDS = ("auto", "triton", "torch", "cpp")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _MIXED = ((torch.bfloat16, torch.float32), (torch.float16, torch.float32))
@@ -110,23 +113,26 @@ def chunked_divergence_fwd(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float
         ok = valid[sl]
         zs, _ = _head_logits(hs[sl], ws, bs, ok, inv_temp)     # [C, V]
         zt, _ = _head_logits(ht[sl], wt, bt, ok, inv_temp)
-        lse_s, lse_t = zs.logsumexp(-1), zt.logsumexp(-1)
-        gap = zs - zt if kind != "jsd" else None                # z_S - z_T
-        ls, lt = zs.sub_(lse_s[:, None]), zt.sub_(lse_t[:, None])  # log p, log q, in place
-        if kind == "reverse_kl":
-            p = ls.exp()
-            c1, c2 = _xlogy_diff(p, ls, lt).sum(-1), _xlogy_diff(p, gap, 0.0).sum(-1)
-        elif kind == "forward_kl":
-            q = lt.exp()
-            c1, c2 = _xlogy_diff(q, lt, ls).sum(-1), _xlogy_diff(q, 0.0, gap).sum(-1)
-        else:
-            lm = _log_mixture(ls, lt, beta)
-            c1, c2 = _xlogy_diff(ls.exp(), ls, lm).sum(-1), _xlogy_diff(lt.exp(), lt, lm).sum(-1)
-            del lm
-        block = torch.stack([lse_s, lse_t, c1, c2])
-        stats[:, sl] = torch.where(ok, block, 0.0)
-        del zs, zt, ls, lt, gap
+        stats[:, sl] = torch.where(ok, _block_stats(zs, zt, kind, beta), 0.0)
+        del zs, zt
     return stats
+
+
+def _block_stats(zs, zt, kind: str, beta: float):
+    """``stats [4, C]`` of one block of rows from both heads' logits ``[C, V]``, which it overwrites (log p, log q)."""
+    lse_s, lse_t = zs.logsumexp(-1), zt.logsumexp(-1)
+    gap = zs - zt if kind != "jsd" else None                # z_S - z_T
+    ls, lt = zs.sub_(lse_s[:, None]), zt.sub_(lse_t[:, None])  # log p, log q, in place
+    if kind == "reverse_kl":
+        p = ls.exp()
+        c1, c2 = _xlogy_diff(p, ls, lt).sum(-1), _xlogy_diff(p, gap, 0.0).sum(-1)
+    elif kind == "forward_kl":
+        q = lt.exp()
+        c1, c2 = _xlogy_diff(q, lt, ls).sum(-1), _xlogy_diff(q, 0.0, gap).sum(-1)
+    else:
+        lm = _log_mixture(ls, lt, beta)
+        c1, c2 = _xlogy_diff(ls.exp(), ls, lm).sum(-1), _xlogy_diff(lt.exp(), lt, lm).sum(-1)
+    return torch.stack([lse_s, lse_t, c1, c2])
 
 
 def _dz_blocks(zs, zt, g, stats_c, kind: str, beta: float, inv_temp: float, need_s: bool, need_t: bool):
@@ -156,43 +162,75 @@ def _dz_blocks(zs, zt, g, stats_c, kind: str, beta: float, inv_temp: float, need
     return dzs, dzt
 
 
+def _grad_buffers(hs, ws, bs, ht, wt, bt, cdt, needs: tuple) -> list:
+    """Zeroed ``(dh_S, dW_S, db_S, dh_T, dW_T, db_T)`` in ``cdt``, ``None`` where not needed or there is no bias."""
+    out = []
+    for (h, w, b), (n_dh, n_dw, n_db) in (((hs, ws, bs), needs[:3]), ((ht, wt, bt), needs[3:])):
+        out += [torch.zeros(h.shape, dtype=cdt, device=h.device) if n_dh else None,
+                torch.zeros(w.shape, dtype=cdt, device=w.device) if n_dw else None,
+                torch.zeros(w.shape[0], dtype=cdt, device=w.device) if (n_db and b is not None) else None]
+    return out
+
+
+def _add_block_grads(out: list, sl: slice, dzs, dzt, hs_c, ht_c, ws, wt, inv_temp: float) -> None:
+    """Add one block of rows' gradients with respect to the scaled logits ``dz [C, V]`` (``None``: not needed),
+    times ``inv_temp``, to the buffers of ``out``."""
+    for i, (dz, h_c, w) in enumerate(((dzs, hs_c, ws), (dzt, ht_c, wt))):
+        if dz is None:
+            continue
+        chunked.add_head_grads(*out[3 * i: 3 * i + 3], sl, dz.mul_(inv_temp), h_c, w)
+
+
 def chunked_divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind: str, beta: float, inv_temp: float,
                            needs: tuple):
     """Gradients ``(dh_S, dW_S, db_S, dh_T, dW_T, db_T)`` in the compute dtype, ``None`` where ``needs`` (six bools,
     same order) is False or there is no bias. Recomputes both heads' logits per block of rows."""
-    N, V = hs.shape[0], ws.shape[0]
+    V = ws.shape[0]
     cdt = stats.dtype
     ws, wt = ws.to(cdt), wt.to(cdt)
     bs, bt = (None if b is None else b.to(cdt) for b in (bs, bt))
     g = torch.where(valid, grad.to(cdt), 0.0)               # masked rows carry no gradient, even a NaN one
     need_s, need_t = any(needs[:3]), any(needs[3:])
-    out = []
-    for (h, w, b), (n_dh, n_dw, n_db) in (((hs, ws, bs), needs[:3]), ((ht, wt, bt), needs[3:])):
-        out += [h.new_empty(h.shape, dtype=cdt) if n_dh else None,
-                torch.zeros(w.shape, dtype=cdt, device=w.device) if n_dw else None,
-                torch.zeros(V, dtype=cdt, device=w.device) if (n_db and b is not None) else None]
+    out = _grad_buffers(hs, ws, bs, ht, wt, bt, cdt, needs)
+    step = _rows_per_chunk(V)
+    for s in range(0, hs.shape[0], step):
+        sl = slice(s, s + step)
+        ok = valid[sl]
+        zs, hs_c = _head_logits(hs[sl], ws, bs, ok, inv_temp)
+        zt, ht_c = _head_logits(ht[sl], wt, bt, ok, inv_temp)
+        dzs, dzt = _dz_blocks(zs, zt, g[sl], stats[:, sl], kind, beta, 1.0, need_s, need_t)
+        del zs, zt
+        _add_block_grads(out, sl, dzs, dzt, hs_c, ht_c, ws, wt, inv_temp)
+        del dzs, dzt
+    return tuple(out)
+
+
+def chunked_divergence_fused(weights, hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, inv_temp: float,
+                             needs: tuple):
+    """``(stats [4, N], dh_S, dW_S, db_S, dh_T, dW_T, db_T)``: the forward's statistics and the gradients of
+    ``sum_i weights_i D_i`` (``weights [N]``, known in the forward) in one pass over blocks of rows, each block's
+    logits formed once (four GEMMs to the separate forward and backward's six)."""
+    N, V = hs.shape[0], ws.shape[0]
+    cdt = chunked.compute_dtype(hs.dtype, ws.dtype, ht.dtype, wt.dtype)
+    ws, wt = ws.to(cdt), wt.to(cdt)
+    bs, bt = (None if b is None else b.to(cdt) for b in (bs, bt))
+    g = torch.where(valid, weights.to(cdt), 0.0)
+    need_s, need_t = any(needs[:3]), any(needs[3:])
+    stats = torch.zeros((4, N), dtype=cdt, device=hs.device)
+    out = _grad_buffers(hs, ws, bs, ht, wt, bt, cdt, needs)
     step = _rows_per_chunk(V)
     for s in range(0, N, step):
         sl = slice(s, s + step)
         ok = valid[sl]
-        st = stats[:, sl]
         zs, hs_c = _head_logits(hs[sl], ws, bs, ok, inv_temp)
         zt, ht_c = _head_logits(ht[sl], wt, bt, ok, inv_temp)
-        dzs, dzt = _dz_blocks(zs, zt, g[sl], st, kind, beta, 1.0, need_s, need_t)
+        st = torch.where(ok, _block_stats(zs.clone(), zt.clone(), kind, beta), 0.0)
+        stats[:, sl] = st
+        if need_s or need_t:
+            dzs, dzt = _dz_blocks(zs, zt, g[sl], st, kind, beta, 1.0, need_s, need_t)
+            _add_block_grads(out, sl, dzs, dzt, hs_c, ht_c, ws, wt, inv_temp)
         del zs, zt
-        for i, (dz, h_c, w) in enumerate(((dzs, hs_c, ws), (dzt, ht_c, wt))):
-            if dz is None:
-                continue
-            dz = dz.mul_(inv_temp)
-            dh, dw, db = out[3 * i: 3 * i + 3]
-            if dh is not None:
-                dh[sl] = dz @ w
-            if dw is not None:
-                dw.addmm_(dz.T, h_c)
-            if db is not None:
-                db += dz.sum(0)
-        del dzs, dzt
-    return tuple(out)
+    return (stats, *out)
 
 
 def _divergence_from_logprobs(ls, lt, kind: str, beta: float):
@@ -246,6 +284,7 @@ def _out_dtype(*tensors) -> torch.dtype:
 
 
 @torch.library.custom_op("rlcore::linear_divergence", mutates_args=())
+@chunked.autocast_off
 def _linear_divergence_op(
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
     ht: torch.Tensor, wt: torch.Tensor, bt: Optional[torch.Tensor],
@@ -276,6 +315,7 @@ def _(hs, ws, bs, ht, wt, bt, valid, kind, beta, temperature, backend):
 
 
 @torch.library.custom_op("rlcore::linear_divergence_backward", mutates_args=())
+@chunked.autocast_off
 def _linear_divergence_backward_op(
     grad: torch.Tensor,
     hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
@@ -325,12 +365,68 @@ def _backward(ctx, grad, _grad_stats):
 torch.library.register_autograd("rlcore::linear_divergence", _backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("rlcore::linear_divergence_reduced", mutates_args=())
+@chunked.autocast_off
+def _linear_divergence_reduced_op(
+    hs: torch.Tensor, ws: torch.Tensor, bs: Optional[torch.Tensor],
+    ht: torch.Tensor, wt: torch.Tensor, bt: Optional[torch.Tensor],
+    valid: torch.Tensor, weights: torch.Tensor, kind: str, beta: float, temperature: float, backend: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """``(loss [], div [N], dh_S, dW_S, db_S, dh_T, dW_T, db_T)``: ``loss = sum_i weights_i div_i`` and its gradients
+    in the compute dtype (the backward scales them, then rounds once to each input's dtype; an empty ``[0]`` where
+    ``needs[i]`` is False or there is no bias), all from the forward: on the chunked (``backend="torch"``) and compiled
+    CPU (``"cpp"``) backends, one pass over blocks of rows forms each block's logits once (four GEMMs). ``div`` and
+    the gradients are outputs without gradients of their own."""
+    inputs = (hs, ws, bs, ht, wt, bt)
+    needs = tuple(bool(n) and x is not None for n, x in zip(needs, inputs))
+    dtype = _out_dtype(hs, ws, ht, wt)
+    w = torch.where(valid, weights.to(dtype), 0.0)
+    if hs.shape[0] == 0:
+        stats = hs.new_zeros((4, 0), dtype=dtype)
+        grads = tuple(x.new_zeros(x.shape, dtype=dtype) if n else None for n, x in zip(needs, inputs))
+    else:
+        fused = cpp.divergence_fused if backend == "cpp" else chunked_divergence_fused
+        stats, *grads = fused(w, hs, ws, bs, ht, wt, bt, valid, kind, beta, 1.0 / temperature, needs)
+    div = torch.where(valid, combine(stats, kind, beta), 0.0).to(dtype)
+    grads = tuple(g.to(dtype).contiguous() if n else hs.new_empty((0,), dtype=dtype)
+                  for g, n in zip(grads, needs))
+    return ((w * div).sum(), div, *grads)
+
+
+@_linear_divergence_reduced_op.register_fake
+def _(hs, ws, bs, ht, wt, bt, valid, weights, kind, beta, temperature, backend, needs):
+    dtype = _out_dtype(hs, ws, ht, wt)
+    inputs = (hs, ws, bs, ht, wt, bt)
+    grads = tuple(x.new_empty(x.shape, dtype=dtype) if (n and x is not None) else hs.new_empty((0,), dtype=dtype)
+                  for n, x in zip(needs, inputs))
+    return (hs.new_empty((), dtype=dtype), hs.new_empty((hs.shape[0],), dtype=dtype), *grads)
+
+
+def _setup_reduced(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[2:])
+    ctx.dtypes = [None if x is None else x.dtype for x in inputs[:6]]
+
+
+def _backward_reduced(ctx, grad, *_):
+    needs = ctx.needs_input_grad[:6]
+    grads = ((g * grad.to(g.dtype)).to(dt) if (n and grad is not None) else None
+             for g, n, dt in zip(ctx.saved_tensors, needs, ctx.dtypes))
+    return (*grads, *(None,) * 7)
+
+
+torch.library.register_autograd("rlcore::linear_divergence_reduced", _backward_reduced, setup_context=_setup_reduced)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Top-k support
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
+@chunked.autocast_off
 def teacher_topk(ht, wt, bt, valid, k: int, inv_temp: float) -> torch.Tensor:
     """``ids [N, k]``: the teacher's ``k`` largest logits at each position (ties in ``torch.topk``'s order), found a
     block of rows at a time; rows not ``valid`` give id 0."""
@@ -520,6 +616,7 @@ def linear_divergence(
     mask: Optional[torch.Tensor] = None,
     top_k: Optional[int] = None,
     teacher_grad: bool = False,
+    reduction: str = "none",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-token divergence between the student's and the teacher's next-token distributions, in FP32, from hidden
@@ -540,12 +637,18 @@ def linear_divergence(
         top_k: restrict both distributions to the teacher's ``top_k`` most probable ids at each position and
             renormalise them there before taking the divergence (``None``: the full vocabulary).
         teacher_grad: also differentiate through the teacher's tensors (by default they are detached).
+        reduction: ``"none"`` (the per-token ``[...]``), ``"sum"`` or ``"mean"`` (over the positions ``mask`` keeps; 0
+            when it keeps none): a 0-d loss. Reduced on the chunked and compiled CPU backends, the
+            full-vocabulary divergence forms its gradients in the forward, in the same pass over each block of rows
+            as the values, when a gradient is needed (four GEMMs of the heads instead of six); the backward then only
+            scales them. Triton keeps its online forward and backward kernels (the per-token op, reduced).
         backend: ``"auto"`` (Triton on CUDA; on CPU the compiled ``"cpp"`` backend, or the chunked PyTorch path where
             it cannot be built; float64: the chunked path), ``"triton"``, ``"torch"`` or ``"cpp"`` (CPU; with
             ``top_k`` the support's log-probs come from ``linear_logprobs`` on the same backend).
 
     Returns:
-        ``div [...]`` float32 (float64 for float64 inputs), differentiable in ``hidden``, ``weight`` and ``bias``.
+        ``div [...]`` float32 (float64 for float64 inputs), differentiable in ``hidden``, ``weight`` and ``bias``;
+        a 0-d tensor of that dtype with ``reduction="sum"`` or ``"mean"``.
 
     Example::
 
@@ -556,6 +659,8 @@ def linear_divergence(
     """
     backend = _check_inputs(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask, kind, beta,
                             temperature, top_k, backend)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not teacher_grad:
         teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
         teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
@@ -567,7 +672,26 @@ def linear_divergence(
     if top_k is not None:
         div = _topk_divergence(hs, weight, bias, ht, teacher_weight, teacher_bias, valid, kind, float(beta),
                               float(temperature), int(top_k), backend)
+    elif reduction != "none" and backend in ("torch", "cpp"):
+        return _reduced(hs, weight, bias, ht, teacher_weight, teacher_bias, valid, kind, float(beta),
+                        float(temperature), backend, reduction)
     else:
         div, _ = _linear_divergence_op(hs, weight, bias, ht, teacher_weight, teacher_bias, valid, kind, float(beta),
                                        float(temperature), backend)
+    if reduction == "sum":
+        return div.sum()
+    if reduction == "mean":
+        return div.sum() / valid.sum().clamp(min=1)
     return div.view(lead)
+
+
+def _reduced(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temperature: float, backend: str,
+             reduction: str) -> torch.Tensor:
+    """``sum`` or ``mean`` of the full-vocabulary divergence through ``rlcore::linear_divergence_reduced``."""
+    weights = valid.to(_out_dtype(hs, ws, ht, wt))
+    if reduction == "mean":
+        weights = weights / valid.sum().clamp(min=1)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and x is not None and x.requires_grad for x in (hs, ws, bs, ht, wt, bt)]
+    return _linear_divergence_reduced_op(hs, ws, bs, ht, wt, bt, valid, weights, kind, beta, temperature, backend,
+                                         needs)[0]

@@ -454,7 +454,7 @@ class _SinglePassLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, run):
-        loss, dh, dw, db = run()
+        loss, dh, dw, db = chunked.autocast_off(run)()
         ctx.save_for_backward(dh, dw, db)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.hidden_shape = hidden.shape

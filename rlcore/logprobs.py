@@ -126,6 +126,7 @@ def _forward(hidden, weight, bias, targets, temperature, ignore_index, check_tar
 
 
 @torch.library.custom_op("rlcore::linear_logprobs", mutates_args=())
+@chunked.autocast_off
 def _linear_logprobs_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -148,6 +149,7 @@ def _linear_logprobs_op(
 
 
 @_linear_logprobs_op.register_kernel("cpu")
+@chunked.autocast_off
 def _linear_logprobs_cpu(hidden, weight, bias, targets, temperature, ignore_index, precision, backend,
                          check_targets, softcap=0.0):
     """CPU tensors: the compiled kernels for ``backend="cpp"``; the other backends (the chunked path, Triton's
@@ -208,6 +210,7 @@ def _backward_body(grad_logp, grad_entropy, hidden, weight, bias, targets, stats
 
 
 @torch.library.custom_op("rlcore::linear_logprobs_backward", mutates_args=())
+@chunked.autocast_off
 def _linear_logprobs_backward_op(
     grad_logp: torch.Tensor,
     grad_entropy: Optional[torch.Tensor],
@@ -233,6 +236,7 @@ def _linear_logprobs_backward_op(
 
 
 @_linear_logprobs_backward_op.register_kernel("cpu")
+@chunked.autocast_off
 def _linear_logprobs_backward_cpu(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, temperature,
                                   ignore_index, precision, backend, compute_dh, compute_dw, compute_db, softcap=0.0):
     """CPU tensors: the compiled kernels for ``backend="cpp"``, the other backends as on any device."""

@@ -54,6 +54,7 @@ def gathered_logits(hidden, weight, bias, ids, inv_temp: float) -> torch.Tensor:
 
 
 @torch.library.custom_op("rlcore::gathered_logit_gaps", mutates_args=())
+@chunked.autocast_off
 def _logit_gaps_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ids: torch.Tensor,
                    base: torch.Tensor, valid: torch.Tensor, inv_temp: float, targets: torch.Tensor, ignore_index: int,
                    check_targets: bool) -> torch.Tensor:
@@ -86,6 +87,7 @@ def _(hidden, weight, bias, ids, base, valid, inv_temp, targets, ignore_index, c
 
 
 @torch.library.custom_op("rlcore::gathered_logit_gaps_backward", mutates_args=())
+@chunked.autocast_off
 def _logit_gaps_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                             bias: Optional[torch.Tensor], ids: torch.Tensor, base: torch.Tensor, valid: torch.Tensor,
                             inv_temp: float, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,6 +40,18 @@ class Case:
     beta: float = 0.5
     temperature: float = 1.0
     top_k: Optional[int] = None
+    reduction: str = "none"   # "sum" / "mean": the loss is that 0-d reduction times REDUCED_GRAD
+
+
+REDUCED_GRAD = 1.7
+
+
+def reduce(div: torch.Tensor, mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    """``linear_divergence(reduction=...)``'s definition, applied to a per-token ``div``."""
+    if reduction == "none":
+        return div
+    count = div.numel() if mask is None else int(mask.sum())
+    return div.sum() if reduction == "sum" else div.sum() / max(count, 1)
 
 
 def make_case(lead, hs, ht, V, dtype=torch.float32, *, bias=False, mask_frac=0.0, kind="reverse_kl", beta=0.5,
@@ -64,7 +76,8 @@ def _run(case: Case, fn, tensors: dict) -> dict:
     div = fn(args["hidden"], args["weight"], args["teacher_hidden"], args["teacher_weight"], kind=case.kind,
              beta=case.beta, temperature=case.temperature, bias=args["bias"], teacher_bias=args["teacher_bias"],
              mask=case.mask, top_k=case.top_k)
-    grads = torch.autograd.grad((div * case.grad.to(div.dtype)).sum(), list(leaves.values()), allow_unused=True)
+    loss = (div * case.grad.to(div.dtype)).sum() if case.reduction == "none" else div * REDUCED_GRAD
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     out = {"div": div.detach()}
     out.update({k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)})
     return out
@@ -72,7 +85,7 @@ def _run(case: Case, fn, tensors: dict) -> dict:
 
 def run_rlcore(case: Case, backend: str, tensors=None) -> dict:
     def fn(*a, **kw):
-        return linear_divergence(*a, **kw, teacher_grad=True, backend=backend)
+        return linear_divergence(*a, **kw, teacher_grad=True, reduction=case.reduction, backend=backend)
     return _run(case, fn, tensors or case.tensors)
 
 
@@ -82,7 +95,7 @@ def run_reference(case: Case, compute_dtype=torch.float64) -> dict:
         tensors = {k: (v.to(compute_dtype) if v is not None else None) for k, v in tensors.items()}
 
     def fn(*a, **kw):
-        return linear_divergence_reference(*a, **kw, compute_dtype=compute_dtype)
+        return reduce(linear_divergence_reference(*a, **kw, compute_dtype=compute_dtype), kw["mask"], case.reduction)
     return _run(case, fn, tensors)
 
 
@@ -300,13 +313,15 @@ def test_opcheck(backend, kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_torch_compile_fullgraph(backend, reduction):
     case = make_case(8, 16, 12, 64, bias=True, mask_frac=0.25, kind="reverse_kl", seed=6)
     t = case.tensors
 
     def loss(h, w):
-        return (linear_divergence(h, w, t["teacher_hidden"], t["teacher_weight"], bias=t["bias"],
-                                  teacher_bias=t["teacher_bias"], mask=case.mask, backend=backend) * case.grad).sum()
+        div = linear_divergence(h, w, t["teacher_hidden"], t["teacher_weight"], bias=t["bias"],
+                                teacher_bias=t["teacher_bias"], mask=case.mask, reduction=reduction, backend=backend)
+        return (div * case.grad).sum() if reduction == "none" else div * REDUCED_GRAD
 
     h1, w1 = (t[k].clone().requires_grad_() for k in ("hidden", "weight"))
     h2, w2 = (t[k].clone().requires_grad_() for k in ("hidden", "weight"))
@@ -328,13 +343,13 @@ MEMORY_SHAPES = {"torch": (64, 32, 16000, 256, 2048), "triton": (16, 16, 2000, 1
                  "cpp": (64, 32, 16000, 2048, 4096)}
 
 
-def _peak(backend, N, hs, ht, V):
+def _peak(backend, N, hs, ht, V, reduction="none"):
     case = make_case(N, hs, ht, V, seed=0)
     h = case.tensors["hidden"].clone().requires_grad_()
     w = case.tensors["weight"].clone().requires_grad_()
 
     def run():
-        linear_divergence(h, w, case.tensors["teacher_hidden"], case.tensors["teacher_weight"],
+        linear_divergence(h, w, case.tensors["teacher_hidden"], case.tensors["teacher_weight"], reduction=reduction,
                           backend=backend).sum().backward()
 
     return peak_memory(run, DEVICE)[0]

@@ -16,7 +16,8 @@ The loss (``loss=True``): ``trainer._compute_loss`` becomes :func:`rlcore.policy
 onto rlcore's options (see :func:`loss_settings`); a setting with no exact rlcore equivalent keeps TRL's own loss,
 after a one-time ``UserWarning`` naming the setting; so does a loss type on a TRL older than the first release whose
 formula and normaliser rlcore reproduces (``_LOSS_SINCE``, read from each release's source). TRL's metrics
-``entropy``, ``kl`` and the clip fractions are logged as TRL logs them, rlcore's own under ``rlcore/``.
+``entropy`` and ``kl`` are logged under TRL's names; the clip fractions are rlcore's (``clip_frac_low``,
+``clip_frac_high``, their own definitions, not TRL's ``clip_ratio/*``), under ``rlcore/``, as is ``kl_ref_mean``.
 """
 
 from __future__ import annotations
