@@ -5,9 +5,10 @@ decorated), hence here, at collection time.
 
 The GPU compile gates (``tests/test_gpu_compile.py``, ``tests/test_divergence_compile.py``) compile hundreds of
 kernels for real GPUs in a subprocess: minutes of CPU that need nothing of this session. Each declares its command as
-a module-level ``BACKGROUND = BackgroundRun(...)``; the command starts as soon as collection is done, at a lower CPU
-priority, and the gate's tests run last, so the compiles fill the CPU time the rest of the suite leaves idle (most
-of it runs on one core: the interpreter is single-threaded numpy).
+a module-level ``BACKGROUND`` (``subprocess.Popen`` arguments), and its tests that need the output take the
+``background_run`` fixture. The command starts as soon as collection is done, at a lower CPU priority, and those tests
+run last, so the compiles fill the CPU time the rest of the suite leaves idle (most of it runs on one core: the
+interpreter is single-threaded numpy).
 """
 
 import os
@@ -113,15 +114,18 @@ def background_run(request) -> BackgroundRun:
     return run
 
 
+def _needs_background(item) -> bool:
+    return "background_run" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(session, config, items):
-    # stable: the modules with a BACKGROUND command last, every other test in the same order as before
-    items.sort(key=lambda item: getattr(getattr(item, "module", None), "BACKGROUND", None) is not None)
+    items.sort(key=_needs_background)           # stable: those tests last, every other one in the same order as before
 
 
 def pytest_collection_finish(session):
     if not session.config.option.collectonly:
-        for item in session.items:
-            if (run := _background(getattr(item, "module", None))) is not None:
+        for item in filter(_needs_background, session.items):
+            if (run := _background(item.module)) is not None:
                 run.start()
 
 
