@@ -32,6 +32,8 @@ namespace {
 // Vocabulary entries per register block: two heads' logits (2 x 8 vectors) between the block's max and its exps.
 constexpr int64_t kDivBlock = 8;
 constexpr int64_t kReverseKL = 0, kForwardKL = 1, kJSD = 2;
+// Vocabulary rows per dW GEMM (HeadGrads::add): bounds its product's temporary to kDwSlice x H.
+constexpr int64_t kDwSlice = 4096;
 
 inline Vec masked_product(const Vec& p, const Vec& x) {   // p x where p > 0, else 0 (never 0 * inf)
   return Vec::blendv(Vec(0.0f), p * x, p > Vec(0.0f));
@@ -227,7 +229,15 @@ struct HeadGrads {
   // dzT [vt, rows] of this head for rows [r0, r0 + rows).
   void add(const at::Tensor& dzT, const Head& head, const at::Tensor& w_tile, int64_t r0, int64_t rows, bool onednn) {
     const at::Tensor h_r = head.h.narrow(0, r0, rows);
-    if (need_dw) mm_nt_acc(dw_acc, dzT, h_r.t(), onednn);                // += dz^T h_r     [vt, H]
+    if (need_dw) {                                                       // += dz^T h_r     [vt, H]
+      // In slices of vocabulary rows: oneDNN's product is a temporary added to the accumulator, so a block spanning
+      // the whole vocabulary (divergence_fused) would otherwise allocate a second [V, H].
+      for (int64_t j = 0; j < dzT.size(0); j += kDwSlice) {
+        const int64_t n = std::min(kDwSlice, dzT.size(0) - j);
+        at::Tensor acc = dw_acc.narrow(0, j, n);
+        mm_nt_acc(acc, dzT.narrow(0, j, n), h_r.t(), onednn);
+      }
+    }
     if (need_dh) {
       at::Tensor dh_r = dh.narrow(0, r0, rows);
       mm_nt_acc(dh_r, dzT.t(), w_tile.t(), onednn);                      // += dz W_t       [rows, H]

@@ -26,8 +26,9 @@ Layers, bottom up (as in ``rlcore.logprobs``):
                   ``rlcore.kernels.divergence`` (Triton: one online pass over vocabulary tiles of both heads) and
                   ``csrc/divergence_cpu.cpp`` (compiled CPU, through ``rlcore.cpp``: the same pass on oneDNN GEMM tiles)
     torch ops     ``rlcore::linear_divergence`` and ``rlcore::linear_divergence_backward``, with fakes and an
-                  autograd formula, so ``torch.compile(fullgraph=True)`` sees one op; ``rlcore::linear_divergence_reduced``
-                  (a weighted sum whose gradients the forward forms in the same pass over each block of rows)
+                  autograd formula, so ``torch.compile(fullgraph=True)`` sees one op;
+                  ``rlcore::linear_divergence_reduced``: a weighted sum whose gradients the forward forms in the same
+                  pass over each block of rows
     public        ``linear_divergence``: argument checks, ``[..., H]`` flattening, the top-k support
 """
 
@@ -406,6 +407,7 @@ def _(hs, ws, bs, ht, wt, bt, valid, weights, kind, beta, temperature, backend, 
 
 def _setup_reduced(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)     # no zero [V, H] stand-ins for the gradient outputs' own (absent) gradients
     ctx.save_for_backward(*output[2:])
     ctx.dtypes = [None if x is None else x.dtype for x in inputs[:6]]
 
