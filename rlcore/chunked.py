@@ -115,7 +115,6 @@ def live_rows(targets, grad_logp, grad_ent, ignore_index: int):
     return live
 
 
-
 def add_head_grads(dh, dw, db, sl: slice, dz, h, w) -> None:
     """One block of rows' logit gradients ``dz [C, V]`` into a head's buffers (``None``: not needed): ``dh[sl] = dz W``,
     ``dW += dz^T h``, ``db += sum_rows dz``."""

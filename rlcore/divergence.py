@@ -206,6 +206,11 @@ def chunked_divergence_bwd(grad, hs, ws, bs, ht, wt, bt, valid, stats, kind: str
     return tuple(out)
 
 
+def _kept(zs, zt, keep: bool):
+    """The logits for ``_block_stats`` (which overwrites them): copies when the gradient step still needs them."""
+    return (zs.clone(), zt.clone()) if keep else (zs, zt)
+
+
 def chunked_divergence_fused(weights, hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, inv_temp: float,
                              needs: tuple):
     """``(stats [4, N], dh_S, dW_S, db_S, dh_T, dW_T, db_T)``: the forward's statistics and the gradients of
@@ -225,7 +230,7 @@ def chunked_divergence_fused(weights, hs, ws, bs, ht, wt, bt, valid, kind: str, 
         ok = valid[sl]
         zs, hs_c = _head_logits(hs[sl], ws, bs, ok, inv_temp)
         zt, ht_c = _head_logits(ht[sl], wt, bt, ok, inv_temp)
-        st = torch.where(ok, _block_stats(zs.clone(), zt.clone(), kind, beta), 0.0)
+        st = torch.where(ok, _block_stats(*_kept(zs, zt, need_s or need_t), kind, beta), 0.0)
         stats[:, sl] = st
         if need_s or need_t:
             dzs, dzt = _dz_blocks(zs, zt, g[sl], st, kind, beta, 1.0, need_s, need_t)
